@@ -1,0 +1,52 @@
+"""Running calibration batches through the base model for data-dependent initialisers.
+
+A method with ``needs_calibration`` returns a statistic per site from ``new_statistic``; every
+forward call of that site's module hands the statistic its input ``x`` and, when the batch carries
+an attention mask of matching shape, a boolean mask of the real (non-padding) tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .method import LayerMethod, Site
+
+
+def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: Iterable[Any]) -> dict[str, Any]:
+    statistics = {p: config.new_statistic(Site(p, model.get_submodule(p))) for p in paths}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def make_hook(stat):
+        def hook(module, args):
+            x = args[0]
+            mask = current_mask[0]
+            stat.update(x, mask if mask is not None and mask.shape == x.shape[:-1] else None)
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(make_hook(s)) for p, s in statistics.items()]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                seen += 1
+                if isinstance(batch, dict):
+                    mask = batch.get("attention_mask")
+                    current_mask[0] = None if mask is None else mask.bool()
+                    model(**batch)
+                else:
+                    current_mask[0] = None
+                    model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ConfigError(f"{config.name}: calibration data is empty")
+    return statistics

@@ -1,0 +1,244 @@
+"""Adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Saved: the method, its options, the hosting module paths, the base model's identity (type, the
+shapes of every hosting module's own parameters, a fingerprint of its weights) and each adapter's
+state dict (parameters and persistent buffers) under ``<module path>.<key>``. Files are written to a
+temporary name, flushed and renamed, the config last, so a reader never sees half an adapter.
+Loading checks everything before the model is touched and undoes the attachment if the tensors do
+not fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from . import api
+from .errors import AdapterFileError, PeftlabError
+from .inject import Attachment, book_of, slot_of
+from .method import LayerMethod, ModelMethod
+from .registry import method_class
+from .targets import model_type
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(temp_path)`` and move the result to ``path`` only once it is complete on disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed ``<module path>.<key>`` (``<key>`` for model-level adapters)."""
+    attachment = _attachment(model, name)
+    state = {}
+    for path in attachment.paths:
+        module = model.get_submodule(path) if path else model
+        for key, tensor in slot_of(module)[name].state_dict().items():
+            state[f"{path}.{key}" if path else key] = tensor
+    return state
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, name: str = "default") -> Path:
+    """Write adapter ``name`` to ``directory`` (created if needed); returns the directory."""
+    attachment = _attachment(model, name)
+    directory = Path(directory)
+    config = {
+        "format": "peftlab",
+        "format_version": FORMAT_VERSION,
+        "peftlab_version": __version__,
+        "method": attachment.config.name,
+        "options": attachment.config.options(),
+        "paths": attachment.paths,
+        "base": base_identity(model, attachment.paths),
+    }
+    write_tensors(directory / WEIGHTS_FILE, adapter_state(model, name))
+    write_json(directory / CONFIG_FILE, config)
+    return directory
+
+
+def _attachment(model: nn.Module, name: str) -> Attachment:
+    book = book_of(model)
+    if book is None or name not in book.attachments:
+        have = ", ".join(book.attachments) if book else "none"
+        raise PeftlabError(f"no adapter named {name!r} on this model (adapters: {have})")
+    return book.attachments[name]
+
+
+def base_identity(model: nn.Module, paths: list[str]) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    shapes = {path: _host_shapes(model, path) for path in paths}
+    return {
+        "class": type(model).__name__,
+        "model_type": model_type(model),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "shapes": shapes,
+        "fingerprint": fingerprint(model, paths),
+    }
+
+
+def _host_shapes(model: nn.Module, path: str) -> dict[str, list[int]]:
+    """Shapes of the hosting module's own parameters; for the root, of the input embeddings."""
+    if path:
+        module = model.get_submodule(path)
+    else:
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        module = get_embeddings() if callable(get_embeddings) else model
+    return {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
+
+
+def fingerprint(model: nn.Module, paths: list[str]) -> str:
+    """A short hash of a sample of the base weights the adapter sits on."""
+    digest = hashlib.sha256()
+    for path in sorted(paths)[:8]:
+        module = model.get_submodule(path) if path else model
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or path == "":
+            continue
+        sample = weight.detach().reshape(-1)[:512].float().cpu()
+        digest.update(sample.numpy().round(4).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter directory {directory} does not exist")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{directory} has no {CONFIG_FILE}: not an adapter directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path} does not hold a JSON object")
+    return config
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterFileError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path} is corrupt or truncated ({exc})") from None
+
+
+def load(model: nn.Module, directory: str | os.PathLike, *, name: str = "default") -> nn.Module:
+    """Attach the adapter saved in ``directory`` (peftlab's or an HF PEFT LoRA/DoRA) as ``name``."""
+    directory = Path(directory)
+    config = read_config(directory)
+    if "peft_type" in config:
+        from .peft_format import load_peft
+
+        return load_peft(model, directory, config, name=name)
+    if config.get("format") != "peftlab":
+        raise AdapterFileError(f"{directory / CONFIG_FILE} is neither a peftlab nor an HF PEFT adapter config")
+    tensors = read_tensors(directory / WEIGHTS_FILE)
+    try:
+        method = method_class(config["method"])
+        options, paths, base = config["options"], config["paths"], config["base"]
+    except KeyError as exc:
+        raise AdapterFileError(f"{directory / CONFIG_FILE} lacks the field {exc}") from None
+    method_config = method.from_options({**options, "targets": [p for p in paths if p] or options.get("targets")})
+    check_base(model, base, paths, strict=method_config.derives_from_weights)
+    attach_saved(model, method_config, paths, tensors, name=name, source=str(directory))
+    return model
+
+
+def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], strict: bool) -> None:
+    saved_type, here_type = base.get("model_type"), model_type(model)
+    if saved_type and here_type and saved_type != here_type:
+        raise AdapterFileError(f"the adapter was trained on a {saved_type} model; this model is {here_type}")
+    api.check_targets_exist(model, paths)
+    here = base_identity(model, paths)
+    for path, shapes in base.get("shapes", {}).items():
+        if shapes != here["shapes"].get(path):
+            raise AdapterFileError(f"shape mismatch at {path or 'the model root'}: adapter expects {shapes}, "
+                                   f"the model has {here['shapes'].get(path)}")
+    if base.get("fingerprint") and base["fingerprint"] != here["fingerprint"]:
+        message = ("the base weights differ from those the adapter was made on (fingerprint "
+                   f"{base['fingerprint']} vs {here['fingerprint']})")
+        if strict:
+            raise AdapterFileError(message + "; this method's state is derived from them, so it cannot load")
+        warnings.warn(message, stacklevel=3)
+
+
+def attach_saved(model, config, paths, tensors, *, name: str, source: str) -> None:
+    """Attach ``config`` without initialising it, then fill it from ``tensors``; all or nothing."""
+    api._check_new_name(model, name)
+    if isinstance(config, LayerMethod):
+        api._attach_layers(model, config, name, None, restoring=True)
+    elif isinstance(config, ModelMethod):
+        api._attach_model(model, config, name, restoring=True)
+    book = book_of(model, create=True)
+    book.attachments[name] = Attachment(config, list(paths))
+    try:
+        _fill(model, name, paths, tensors, source)
+    except BaseException:
+        api.delete(model, name)
+        raise
+    api.freeze_base(model)
+    api.use(model, name)
+
+
+def _fill(model: nn.Module, name: str, paths: list[str], tensors: dict[str, torch.Tensor], source: str) -> None:
+    remaining = dict(tensors)
+    for path in paths:
+        module = model.get_submodule(path) if path else model
+        adapter = slot_of(module)[name]
+        prefix = f"{path}." if path else ""
+        expected = adapter.state_dict()
+        part = {}
+        for key, current in expected.items():
+            saved = remaining.pop(prefix + key, None)
+            if saved is None:
+                raise AdapterFileError(f"{source}: tensor {prefix + key} is missing")
+            if saved.shape != current.shape:
+                raise AdapterFileError(f"{source}: tensor {prefix + key} has shape {list(saved.shape)}, "
+                                       f"expected {list(current.shape)}")
+            part[key] = saved
+        adapter.load_state_dict(part, strict=True)
+    if remaining:
+        raise AdapterFileError(f"{source}: unexpected tensors {sorted(remaining)[:3]} (and "
+                               f"{max(0, len(remaining) - 3)} more)")

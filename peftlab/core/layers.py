@@ -1,0 +1,62 @@
+"""Uniform access to the layers adapters attach to (nn.Linear, transformers' Conv1D, norms, embeddings).
+
+Methods always see a weight as a matrix of shape (out, in): transformers' Conv1D (GPT-2) stores its
+weight transposed, and these helpers hide that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers is a hard dependency, but keep the core importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm-like modules, including the RMSNorm classes that transformers defines per model."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    name = type(module).__name__
+    return name.endswith(("LayerNorm", "RMSNorm")) and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module."""
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return fan_in, fan_out
+    return module.in_features, module.out_features
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out, in) view; for Conv1D, a transposed view of the stored tensor."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write an (out, in) matrix into the module's weight, in the module's layout and dtype."""
+    with torch.no_grad():
+        weight_matrix(module).copy_(matrix.to(module.weight.dtype))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the input's dtype: adapter parameters are kept in fp32 and cast per call."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return nn.functional.linear(x, weight, bias)

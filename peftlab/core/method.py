@@ -1,0 +1,217 @@
+"""What a method is: a config dataclass that builds adapter modules.
+
+Two attachment kinds share one registry:
+
+* ``LayerMethod`` builds one ``LayerAdapter`` per targeted module (linear, norm, ...). The adapter
+  computes the module's new output from its input and the inner computation ``base``::
+
+        y = adapter(layer, x, base)      # e.g. LoRA: base(x) + s * B A x
+
+  Stacked adapters on one layer nest: the outer one's ``base`` is the inner one.
+* ``ModelMethod`` builds one ``ModelAdapter`` for the whole model (prompt and prefix tuning), which
+  rewrites the model's forward inputs and outputs through hooks.
+
+Invariant kept by every adapter: its ``nn.Parameter``s are exactly what trains; frozen tensors are
+buffers, persistent when they cannot be recomputed from the base weights and the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import layers
+from .errors import ConfigError, MergeError
+from .targets import ROLES
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's hyperparameters. Subclasses are dataclasses registered by name."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    paper: ClassVar[str] = ""
+    formula: ClassVar[str] = ""  # trainable parameters per adapted layer (or in total), human readable
+    mergeable: ClassVar[bool] = False
+    derives_from_weights: ClassVar[bool] = False  # adapter state is computed from the base weights
+
+    targets: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range options. Subclasses extend it."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def option_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> MethodConfig:
+        known = {f.name for f in cls.option_fields()}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+                              f"options are {', '.join(sorted(known))}")
+        return cls(**_coerce(cls, options))
+
+    def replace(self, **options: Any) -> MethodConfig:
+        merged = {**self.options(), **options}
+        return type(self).from_options(merged)
+
+
+def _coerce(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Turn list-valued JSON/YAML input into tuples where a field is declared as a tuple."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in options.items():
+        hint = str(hints.get(key, ""))
+        out[key] = tuple(value) if isinstance(value, list) and hint.startswith("tuple") else value
+    return out
+
+
+def check(condition: bool, method: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{method}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer methods
+
+
+@dataclass
+class Site:
+    """A module an adapter attaches to, as the method's builder sees it."""
+
+    path: str
+    module: nn.Module
+    statistic: Any = None  # calibration statistic, for data-dependent initialisers
+    restoring: bool = False  # True when built to receive saved state: skip costly or random init
+
+    @property
+    def features(self) -> tuple[int, int]:
+        return layers.features(self.module)
+
+    @property
+    def in_features(self) -> int:
+        return self.features[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.features[1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    def weight(self) -> torch.Tensor:
+        """The frozen weight as an (out, in) fp32 matrix (a copy)."""
+        return layers.weight_matrix(self.module).detach().float().clone()
+
+
+class LayerAdapter(nn.Module):
+    """One adapter on one layer."""
+
+    # True when forward uses the layer's weight directly instead of calling ``base``: such an
+    # adapter cannot be stacked with another one on the same layer.
+    reads_base_weight: ClassVar[bool] = False
+
+    def forward(self, layer: nn.Module, x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor]):
+        raise NotImplementedError
+
+    def delta_weight(self, layer: nn.Module) -> torch.Tensor:
+        """ΔW as an (out, in) fp32 matrix, for methods whose merge is W <- W + ΔW."""
+        raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def merge_into(self, layer: nn.Module) -> None:
+        """Fold this adapter into ``layer``'s parameters (in place)."""
+        weight = layers.weight_matrix(layer).detach().float()
+        layers.set_weight_matrix(layer, weight + self.delta_weight(layer).to(weight.device))
+
+    def regularization(self) -> torch.Tensor | None:
+        """A term the trainer adds to the loss each micro-batch (None: no term)."""
+        return None
+
+
+class LayerMethod(MethodConfig):
+    """A method that attaches one LayerAdapter per targeted module."""
+
+    kind: ClassVar[str] = "linear"  # what it adapts, for messages
+    default_roles: ClassVar[Sequence[str]] = ROLES
+    needs_calibration: ClassVar[bool] = False
+
+    def accepts(self, module: nn.Module) -> bool:
+        return layers.is_linear(module)
+
+    def default_targets(self, model: nn.Module) -> str | list[str] | None:
+        """Targets used when the user gives none; None means ``default_roles``."""
+        return None
+
+    def build(self, site: Site) -> LayerAdapter:
+        raise NotImplementedError
+
+    def trainable_count(self, in_features: int, out_features: int) -> int:
+        """Trainable parameters this method adds to one (in -> out) layer: the documented formula."""
+        raise NotImplementedError
+
+    def new_statistic(self, site: Site) -> Any:
+        """A calibration accumulator with ``update(x)`` for this site (data-dependent methods)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Model methods
+
+
+class ModelAdapter(nn.Module):
+    """An adapter of the whole model: it edits the model's call arguments and outputs.
+
+    ``before`` receives the forward kwargs (positional inputs already folded in) and returns new
+    kwargs plus a value handed to ``after``.
+    """
+
+    def before(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        raise NotImplementedError
+
+    def after(self, model: nn.Module, output: Any, state: Any) -> Any:
+        return output
+
+    def regularization(self) -> torch.Tensor | None:
+        return None
+
+
+class ModelMethod(MethodConfig):
+    """A method that attaches one ModelAdapter to the model."""
+
+    kind: ClassVar[str] = "model"
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise TargetError when the model cannot host this method."""
+
+    def build(self, model: nn.Module, restoring: bool = False) -> ModelAdapter:
+        raise NotImplementedError
+
+    def trainable_count_for(self, model_config: Any) -> int:
+        raise NotImplementedError
+
+
+def config_field(default: Any, doc: str) -> Any:
+    """A dataclass field carrying a one-line description (shown by ``peftlab methods``)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
