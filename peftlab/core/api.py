@@ -142,7 +142,7 @@ def use(model: nn.Module, names: str | list[str]) -> nn.Module:
     book.active = names
     route(model, names)
     wanted = set(names)
-    for path, _, slot in hosts(model):
+    for _, _, slot in hosts(model):
         for adapter_name, adapter in slot.items():
             adapter.requires_grad_(adapter_name in wanted)
     return model
