@@ -34,11 +34,7 @@ from .core.errors import (  # noqa: E402
 )
 from .core.files import load, save  # noqa: E402
 from .core.registry import method_class, method_names  # noqa: E402
-
-
-def methods() -> list[str]:
-    """Names of the registered methods."""
-    return method_names()
+from . import methods  # noqa: E402  the package is callable: peftlab.methods() -> registered names
 
 
 def export(model, directory, *, format: str = "peft", name: str = "default"):

@@ -13,6 +13,7 @@ from torch import nn
 from . import calibration
 from .errors import ConfigError, MergeError, TargetError
 from .inject import (
+    BOOK_ATTRIBUTE,
     Attachment,
     attach_layer,
     attach_model,
@@ -24,7 +25,7 @@ from .inject import (
 )
 from .method import LayerAdapter, LayerMethod, MethodConfig, ModelMethod, Site
 from .registry import make_config
-from .targets import ADAPTER_CONTAINER, resolve_targets
+from .targets import ADAPTER_CONTAINER, resolve_targets, role_of
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
@@ -79,7 +80,7 @@ def _attach_layers(model, config: LayerMethod, name, batches, restoring: bool) -
     built: dict[str, LayerAdapter] = {}
     for path in paths:  # build everything before touching the model
         module = model.get_submodule(path)
-        site = Site(path, module, statistics.get(path), restoring=restoring)
+        site = Site(path, module, role_of(model, path), statistics.get(path), restoring=restoring)
         built[path] = config.build(site).to(site.device)
     for path, adapter in built.items():
         attach_layer(model.get_submodule(path), name, adapter)
@@ -183,6 +184,8 @@ def delete(model: nn.Module, name: str) -> nn.Module:
         detach(model.get_submodule(path) if path else model, name)
     book.active = [n for n in book.active if n != name]
     route(model, book.active)
+    if not book.attachments:
+        del model.__dict__[BOOK_ATTRIBUTE]
     return model
 
 

@@ -15,10 +15,11 @@ from torch import nn
 
 from .errors import ConfigError
 from .method import LayerMethod, Site
+from .targets import role_of
 
 
 def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: Iterable[Any]) -> dict[str, Any]:
-    statistics = {p: config.new_statistic(Site(p, model.get_submodule(p))) for p in paths}
+    statistics = {p: config.new_statistic(Site(p, model.get_submodule(p), role_of(model, p))) for p in paths}
     current_mask: list[torch.Tensor | None] = [None]
 
     def make_hook(stat):

@@ -41,6 +41,7 @@ class MethodConfig:
     formula: ClassVar[str] = ""  # trainable parameters per adapted layer (or in total), human readable
     mergeable: ClassVar[bool] = False
     derives_from_weights: ClassVar[bool] = False  # adapter state is computed from the base weights
+    identity_at_init: ClassVar[bool] = True  # the adapted model computes the base function at init
 
     targets: str | list[str] | None = None
 
@@ -96,6 +97,7 @@ class Site:
 
     path: str
     module: nn.Module
+    role: str | None = None  # q, k, v, o, gate, up or down in a known architecture
     statistic: Any = None  # calibration statistic, for data-dependent initialisers
     restoring: bool = False  # True when built to receive saved state: skip costly or random init
 
@@ -165,7 +167,7 @@ class LayerMethod(MethodConfig):
     def build(self, site: Site) -> LayerAdapter:
         raise NotImplementedError
 
-    def trainable_count(self, in_features: int, out_features: int) -> int:
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
         """Trainable parameters this method adds to one (in -> out) layer: the documented formula."""
         raise NotImplementedError
 

@@ -87,6 +87,15 @@ def paths_for_roles(model: nn.Module, roles: Sequence[str], accepts: Callable[[n
     return [p for p, m in candidate_modules(model) if accepts(m) and any(rx.search(p) for rx in regexes)]
 
 
+def role_of(model: nn.Module, path: str) -> str | None:
+    """The role (q, k, ..., down) a module path plays in a known architecture, else None."""
+    table = ARCHITECTURE_ROLES.get(model_type(model) or "", {})
+    for role, pattern in table.items():
+        if _role_regex(pattern).search(path):
+            return role
+    return None
+
+
 def resolve_targets(
     model: nn.Module,
     targets: str | Sequence[str] | None,

@@ -186,7 +186,7 @@ class LoRA(LayerMethod):
             raise ConfigError(f"{self.name}: r={self.r} exceeds min(in, out) = {min(site.features)} at {site.path}")
         return self.adapter_type(self, site)
 
-    def trainable_count(self, in_features: int, out_features: int) -> int:
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
         return self.r * (in_features + out_features)
 
     def to_peft(self) -> dict:
@@ -217,7 +217,7 @@ class DoRA(LoRA):
         super().validate()
         check(self.init != "pissa", self.name, "init='pissa' is not defined for DoRA")
 
-    def trainable_count(self, in_features: int, out_features: int) -> int:
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
         return self.r * (in_features + out_features) + out_features
 
 

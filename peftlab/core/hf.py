@@ -1,0 +1,74 @@
+"""The few facts about transformers models that differ between releases, in one place.
+
+transformers 5.x renamed the KV-cache argument of ``forward`` from ``past_key_values`` to ``cache``
+(and the output field with it); both are supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def forward_parameters(model: nn.Module) -> set[str]:
+    return set(inspect.signature(type(model).forward).parameters)
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    params = forward_parameters(model)
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def output_cache(output: Any):
+    for name in ("cache", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def new_cache(model: nn.Module):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each (batch, kv_heads, length, head_dim)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def cache_length(cache) -> int:
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations have inside the model: autocast's when it is on, else the weights'."""
+    param = next(model.parameters())
+    device_type = param.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return param.dtype
+
+
+def batch_size(kwargs: dict[str, Any]) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise ValueError("the model call has neither input_ids nor inputs_embeds")
+
+
+def attention_geometry(config: Any) -> tuple[int, int, int, int]:
+    """(layers, kv_heads, head_dim, hidden) of a transformers config (the text part of multimodal ones)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return config.num_hidden_layers, kv_heads, head_dim, hidden

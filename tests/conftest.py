@@ -1,0 +1,72 @@
+"""Tiny random models built from transformers configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 96
+
+# Tiny tensors: thread start-up costs more than it saves, and pytest-xdist workers would fight over cores.
+torch.set_num_threads(1)
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=128)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def make_inputs(kind: str, batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "bert":
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+def output_of(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
