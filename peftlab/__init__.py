@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import methods  # noqa: E402  the package is callable: peftlab.methods() -> registered names
 from .core.api import (  # noqa: E402
     active,
     adapt,
@@ -34,7 +35,6 @@ from .core.errors import (  # noqa: E402
 )
 from .core.files import load, save  # noqa: E402
 from .core.registry import method_class, method_names  # noqa: E402
-from . import methods  # noqa: E402  the package is callable: peftlab.methods() -> registered names
 
 
 def export(model, directory, *, format: str = "peft", name: str = "default"):

@@ -129,7 +129,8 @@ class VirtualTokens(ModelAdapter):
 
 
 def _check_embeddable(model: nn.Module, method: str) -> None:
-    if not callable(getattr(model, "get_input_embeddings", None)) or "inputs_embeds" not in hf.forward_parameters(model):
+    embeddable = callable(getattr(model, "get_input_embeddings", None))
+    if not embeddable or "inputs_embeds" not in hf.forward_parameters(model):
         raise TargetError(f"{method} needs a transformers model that accepts inputs_embeds")
 
 
@@ -163,7 +164,7 @@ class Prompt(ModelMethod):
     formula: ClassVar[str] = "n · hidden (in total)"
 
     num_virtual_tokens: int = config_field(20, "number of virtual tokens n")
-    init_token_ids: tuple[int, ...] = config_field((), "token ids to start from (cycled to n); empty: sampled vocabulary")
+    init_token_ids: tuple[int, ...] = config_field((), "token ids to start from (cycled to n); empty: sampled")
 
     def validate(self) -> None:
         check(self.num_virtual_tokens > 0, self.name, "num_virtual_tokens must be positive")
@@ -188,7 +189,8 @@ class PromptEncoderTokens(VirtualTokens):
         super().__init__(initial.shape[0])
         width = initial.shape[1]
         self.inputs = nn.Parameter(initial.clone())
-        self.lstm = nn.LSTM(width, hidden, num_layers=2, bidirectional=True, batch_first=True) if encoder == "lstm" else None
+        lstm = encoder == "lstm"
+        self.lstm = nn.LSTM(width, hidden, num_layers=2, bidirectional=True, batch_first=True) if lstm else None
         mlp_in = 2 * hidden if self.lstm is not None else width
         mlp_hidden = 2 * hidden if self.lstm is not None else hidden
         layers = [nn.Linear(mlp_in, mlp_hidden), nn.ReLU()]
@@ -215,7 +217,7 @@ class PTuning(ModelMethod):
     num_virtual_tokens: int = config_field(20, "number of virtual tokens n")
     encoder: str = config_field("mlp", "prompt encoder: mlp (HF PEFT, LLM-Adapters) | lstm (the paper)")
     encoder_hidden_size: int = config_field(0, "encoder width e; 0 means the model's hidden size")
-    init_token_ids: tuple[int, ...] = config_field((), "token ids to start from (cycled to n); empty: sampled vocabulary")
+    init_token_ids: tuple[int, ...] = config_field((), "token ids to start from (cycled to n); empty: sampled")
 
     def validate(self) -> None:
         check(self.num_virtual_tokens > 0, self.name, "num_virtual_tokens must be positive")
