@@ -23,7 +23,7 @@ from .inject import (
     route,
     slot_of,
 )
-from .method import LayerAdapter, LayerMethod, MethodConfig, ModelMethod, Site
+from .method import LayerAdapter, LayerMethod, MethodConfig, ModelMethod, Site, TrainingStep
 from .registry import make_config
 from .targets import ADAPTER_CONTAINER, resolve_targets, role_of
 
@@ -220,15 +220,35 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def attached_adapters(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """The modules of adapter ``name``, keyed by host path ("" for the model root)."""
+    book = _book(model)
+    return {path: slot_of(model.get_submodule(path) if path else model)[name]
+            for path in book.attachments[name].paths}
+
+
+def _active_configs(model: nn.Module) -> Iterator[tuple[MethodConfig, dict[str, nn.Module]]]:
+    book = book_of(model)
+    for name in ([] if book is None else book.active):
+        yield book.attachments[name].config, attached_adapters(model, name)
+
+
 def regularization(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the active adapters' regularisation terms (None when none defines one)."""
-    terms = []
-    for _, _, slot in hosts(model):
-        for n in slot.active:
-            term = slot[n].regularization()
-            if term is not None:
-                terms.append(term)
+    """Sum of the active adapters' loss terms (None when none defines one)."""
+    terms = [t for config, adapters in _active_configs(model) if (t := config.regularization(adapters)) is not None]
     return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+
+def on_step(model: nn.Module, step: TrainingStep) -> None:
+    """Trainer hook: an optimizer step begins."""
+    for config, adapters in _active_configs(model):
+        config.on_step(adapters, step)
+
+
+def before_optimizer_step(model: nn.Module, step: TrainingStep) -> None:
+    """Trainer hook: gradients are final; the optimizer steps next."""
+    for config, adapters in _active_configs(model):
+        config.before_optimizer_step(adapters, step)
 
 
 def check_targets_exist(model: nn.Module, paths: list[str]) -> None:

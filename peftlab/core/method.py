@@ -31,9 +31,25 @@ from .errors import ConfigError, MergeError
 from .targets import ROLES
 
 
+@dataclass(frozen=True)
+class TrainingStep:
+    """What the trainer tells training hooks about the optimizer step in progress."""
+
+    step: int  # optimizer steps completed before this one
+    total_steps: int
+    lr: float  # learning rate of this step
+    peak_lr: float  # the configured learning rate, before warm-up and decay
+    accumulation: int = 1  # micro-batches per optimizer step
+
+
 @dataclass
 class MethodConfig:
-    """Base of every method's hyperparameters. Subclasses are dataclasses registered by name."""
+    """Base of every method's hyperparameters. Subclasses are dataclasses registered by name.
+
+    Training hooks receive ``adapters``, the adapter modules of one attachment keyed by host path,
+    so a method can act across layers (a global rank budget, a mean over layers). The defaults
+    delegate to same-named methods of each adapter when it has them.
+    """
 
     name: ClassVar[str]
     family: ClassVar[str]
@@ -70,6 +86,23 @@ class MethodConfig:
     def replace(self, **options: Any) -> MethodConfig:
         merged = {**self.options(), **options}
         return type(self).from_options(merged)
+
+    def regularization(self, adapters: dict[str, nn.Module]) -> torch.Tensor | None:
+        """A loss term added to every micro-batch's loss (None: none)."""
+        terms = [t for a in adapters.values() if (t := a.regularization()) is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def on_step(self, adapters: dict[str, nn.Module], step: TrainingStep) -> None:
+        """Called before the first micro-batch of every optimizer step (schedules, re-selection)."""
+        for adapter in adapters.values():
+            if hasattr(adapter, "on_step"):
+                adapter.on_step(step)
+
+    def before_optimizer_step(self, adapters: dict[str, nn.Module], step: TrainingStep) -> None:
+        """Called once gradients are final (accumulated, clipped), right before ``optimizer.step()``."""
+        for adapter in adapters.values():
+            if hasattr(adapter, "before_optimizer_step"):
+                adapter.before_optimizer_step(step)
 
 
 def _coerce(cls: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -167,8 +200,9 @@ class LayerMethod(MethodConfig):
     def build(self, site: Site) -> LayerAdapter:
         raise NotImplementedError
 
-    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
-        """Trainable parameters this method adds to one (in -> out) layer: the documented formula."""
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int | None:
+        """Trainable parameters added to one (in -> out) layer by the documented formula (None: the
+        count depends on the weights)."""
         raise NotImplementedError
 
     def new_statistic(self, site: Site) -> Any:

@@ -1,0 +1,118 @@
+"""The LLM-Adapters family: LoRA (and PiSSA init), DoRA, series and parallel adapters, soft prompts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import peftlab
+from peftlab.core.inject import hosts
+
+from ..conftest import make_inputs, output_of, tiny_llama
+
+CASES = {
+    "lora": {"r": 4},
+    "dora": {"r": 4},
+    "series": {"bottleneck_size": 8},
+    "parallel": {"bottleneck_size": 8},
+    "prompt": {"num_virtual_tokens": 4},
+    "ptuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "prefix": {"num_virtual_tokens": 4},
+}
+VARIANTS = [
+    ("lora", {"r": 4, "init": "pissa"}),
+    ("lora", {"r": 4, "init": "gaussian", "rslora": True}),
+    ("series", {"bottleneck_size": 8, "placement": "houlsby"}),
+    ("series", {"bottleneck_size": 8, "placement": "pfeiffer", "scaling": "learned"}),
+    ("series", {"bottleneck_size": 8, "init": "bert"}),
+    ("parallel", {"bottleneck_size": 8, "placement": "mlp", "scaling": 4.0}),
+    ("ptuning", {"num_virtual_tokens": 4, "encoder": "lstm", "encoder_hidden_size": 8}),
+    ("prefix", {"num_virtual_tokens": 4, "projection": 16}),
+    ("prefix", {"num_virtual_tokens": 4, "init": "random"}),
+]
+UNSUPPORTED = {("prefix", "bert")}
+
+
+def first_adapter(model, name="default"):
+    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
+
+
+def test_lora_init_and_scale():
+    model = peftlab.adapt(tiny_llama(), "lora", r=4, alpha=8.0)
+    adapter = first_adapter(model)
+    bound = 1 / math.sqrt(adapter.lora_A.shape[1])  # kaiming_uniform(a=sqrt(5)) on fan_in
+    assert adapter.lora_A.abs().max() <= bound and adapter.lora_A.abs().max() > bound / 2
+    assert torch.count_nonzero(adapter.lora_B) == 0 and adapter.scale == 2.0
+    model = peftlab.adapt(tiny_llama(), "lora", r=4, alpha=8.0, rslora=True)
+    assert first_adapter(model).scale == 4.0
+
+
+def test_lora_count_on_a_7b_layer():
+    assert peftlab.LoRA(r=8).trainable_count(4096, 4096) == 65_536
+    assert peftlab.DoRA(r=8).trainable_count(4096, 4096) == 65_536 + 4096
+
+
+def test_pissa_starts_at_the_principal_singular_triplets():
+    model = peftlab.adapt(tiny_llama(), "lora", r=4, alpha=8.0, init="pissa")
+    path, module, slot = next(iter(hosts(model)))
+    adapter = slot["default"]
+    weight = module.weight.detach().double()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    principal = (u[:, :4] * s[:4]) @ vh[:4]
+    product = adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()
+    assert torch.allclose(product, principal, atol=1e-5)
+
+
+def test_dora_magnitude_and_norm_without_the_dense_matrix():
+    model = peftlab.adapt(tiny_llama(), "dora", r=4)
+    _, module, slot = next(iter(hosts(model)))
+    adapter = slot["default"]
+    assert torch.allclose(adapter.magnitude, module.weight.norm(dim=1))
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    dense = (module.weight + adapter.scale * adapter.lora_B @ adapter.lora_A).norm(dim=1)
+    assert torch.allclose(adapter.row_norm(module), dense, rtol=1e-5)
+    merged = adapter.merged_matrix(module)
+    assert torch.allclose(merged.norm(dim=1), adapter.magnitude, rtol=1e-5)
+
+
+def test_series_adapter_runs_before_gate_and_up_and_after_down():
+    model = peftlab.adapt(tiny_llama(), "series", bottleneck_size=4, init="bert")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            block = proj.peftlab["default"].block
+            assert torch.allclose(proj(x), torch.nn.functional.linear(x + block(x), proj.weight))
+        h = torch.randn(1, 3, 48)
+        block = mlp.down_proj.peftlab["default"].block
+        base = torch.nn.functional.linear(h, mlp.down_proj.weight)
+        assert torch.allclose(mlp.down_proj(h), base + block(base))
+
+
+def test_bottleneck_counts_match_llm_adapters_on_llama_7b():
+    # LLM-Adapters' README: AdapterH / Parallel with bottleneck 256 on LLaMA-7B: about 200M.
+    series = peftlab.Series()
+    per_layer = (series.trainable_count(4096, 11008, "gate") + series.trainable_count(4096, 11008, "up")
+                 + series.trainable_count(11008, 4096, "down"))
+    assert per_layer * 32 == 201_326_592
+
+
+def test_learned_scaling_is_one_trainable_scalar():
+    model = peftlab.adapt(tiny_llama(), "parallel", bottleneck_size=4, scaling="learned")
+    block = first_adapter(model).block
+    assert block.learned_scale.shape == (1,) and block.learned_scale.item() == 1.0
+
+
+def test_prefix_starts_at_the_models_own_keys_and_values():
+    model = tiny_llama()
+    torch.manual_seed(0)
+    peftlab.adapt(model, "prefix", num_virtual_tokens=3, init_token_ids=(7, 8, 9))
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        with_prefix = output_of(model, inputs)
+        with peftlab.disabled(model):
+            ids = torch.cat([torch.tensor([[7, 8, 9]]).expand(2, 3), inputs["input_ids"]], 1)
+            explicit = model(input_ids=ids).logits[:, 3:]
+    assert torch.allclose(with_prefix, explicit, atol=1e-5)
