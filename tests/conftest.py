@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-VOCAB = 96
+VOCAB = 128  # fits the char-level tokenizer below (3 specials + 96 characters)
 
 # Tiny tensors: thread start-up costs more than it saves, and pytest-xdist workers would fight over cores.
 torch.set_num_threads(1)
@@ -40,6 +40,22 @@ def tiny_bert(seed: int = 0):
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+CHARACTERS = "\n" + "".join(chr(c) for c in range(32, 127))
+
+
+def char_tokenizer():
+    """A character-level tokenizer: <pad>=0, <s>=1, </s>=2, then printable ASCII and newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(CHARACTERS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def make_inputs(kind: str, batch: int = 2, length: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 import peftlab
 from peftlab.core.files import CONFIG_FILE, WEIGHTS_FILE
 
-from .conftest import make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
+from .conftest import VOCAB, make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def fingerprint(model) -> tuple:
@@ -206,7 +206,7 @@ def test_load_refuses_another_architecture_or_shape(tmp_path):
         peftlab.load(tiny_gpt2(), directory)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
     before = fingerprint(wider)
     with pytest.raises(peftlab.AdapterFileError, match="shape mismatch"):

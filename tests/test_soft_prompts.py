@@ -7,7 +7,7 @@ import torch
 
 import peftlab
 
-from .conftest import tiny_gpt2, tiny_llama
+from .conftest import VOCAB, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 METHODS = [("prompt", {"num_virtual_tokens": 3}), ("ptuning", {"num_virtual_tokens": 3}),
@@ -39,7 +39,7 @@ def greedy_without_cache(model, ids, mask, steps):
 @pytest.mark.parametrize("method, options", METHODS, ids=lambda c: str(c))
 def test_generate_with_cache_equals_recomputation(kind, method, options):
     model = adapted(kind, method, options)
-    ids = torch.randint(3, 96, (2, 5))
+    ids = torch.randint(3, VOCAB, (2, 5))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         expected = greedy_without_cache(model, ids, mask, steps=6)
@@ -51,24 +51,24 @@ def test_generate_with_cache_equals_recomputation(kind, method, options):
 @pytest.mark.parametrize("method, options", METHODS, ids=lambda c: str(c))
 def test_left_padding_does_not_change_a_sequence(method, options):
     model = adapted("llama", method, options)
-    ids = torch.randint(3, 96, (1, 6))
+    ids = torch.randint(3, VOCAB, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         alone = model(input_ids=ids).logits
         with_pad = model(input_ids=padded, attention_mask=mask, position_ids=position_ids).logits
-    assert with_pad.shape == (1, 9, 96)
+    assert with_pad.shape == (1, 9, VOCAB)
     assert torch.allclose(with_pad[:, 3:], alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("method, options", METHODS, ids=lambda c: str(c))
 def test_internal_loss_ignores_virtual_positions(method, options):
     model = adapted("llama", method, options)
-    ids = torch.randint(3, 96, (2, 7))
+    ids = torch.randint(3, VOCAB, (2, 7))
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
-        manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
+        manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-5)
 
 

@@ -1,0 +1,1 @@
+"""Training: data formats and templates, tokenisation and batching, the loop, checkpoints."""
