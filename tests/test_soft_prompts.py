@@ -82,6 +82,6 @@ def test_prefix_on_an_encoder_is_refused():
 def test_prompt_init_from_token_ids():
     model = tiny_llama()
     peftlab.adapt(model, "prompt", num_virtual_tokens=4, init_token_ids=(5, 6))
-    prompt = dict(model.named_parameters())["peftlab.default.prompt"]
+    prompt = dict(model.named_parameters())["model.peftlab.default.prompt"]
     embedding = model.get_input_embeddings().weight
     assert torch.equal(prompt, embedding[[5, 6, 5, 6]])

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibration
+from . import calibration, hf
 from .errors import ConfigError, MergeError, TargetError
 from .inject import (
     BOOK_ATTRIBUTE,
@@ -88,10 +88,12 @@ def _attach_layers(model, config: LayerMethod, name, batches, restoring: bool) -
 
 
 def _attach_model(model, config: ModelMethod, name, restoring: bool) -> list[str]:
+    """Model-level adapters hook the transformer body, so task heads and losses see plain shapes."""
     config.check_model(model)
     adapter = config.build(model, restoring=restoring)
-    attach_model(model, name, adapter.to(_model_device(model)))
-    return [""]
+    host = hf.backbone_path(model)
+    attach_model(model.get_submodule(host), name, adapter.to(_model_device(model)))
+    return [host]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -181,7 +183,7 @@ def delete(model: nn.Module, name: str) -> nn.Module:
     if name not in book.attachments:
         raise ConfigError(f"no adapter named {name!r}")
     for path in book.attachments.pop(name).paths:
-        detach(model.get_submodule(path) if path else model, name)
+        detach(model.get_submodule(path), name)
     book.active = [n for n in book.active if n != name]
     route(model, book.active)
     if not book.attachments:
@@ -223,7 +225,7 @@ def trainable_parameter_count(model: nn.Module) -> int:
 def attached_adapters(model: nn.Module, name: str) -> dict[str, nn.Module]:
     """The modules of adapter ``name``, keyed by host path ("" for the model root)."""
     book = _book(model)
-    return {path: slot_of(model.get_submodule(path) if path else model)[name]
+    return {path: slot_of(model.get_submodule(path))[name]
             for path in book.attachments[name].paths}
 
 

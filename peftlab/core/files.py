@@ -69,8 +69,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     attachment = _attachment(model, name)
     state = {}
     for path in attachment.paths:
-        module = model.get_submodule(path) if path else model
-        for key, tensor in slot_of(module)[name].state_dict().items():
+        for key, tensor in slot_of(model.get_submodule(path))[name].state_dict().items():
             state[f"{path}.{key}" if path else key] = tensor
     return state
 
@@ -86,7 +85,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, name: str = "default
         "method": attachment.config.name,
         "options": attachment.config.options(),
         "paths": attachment.paths,
-        "base": base_identity(model, attachment.paths),
+        "base": base_identity(model, attachment.paths, isinstance(attachment.config, ModelMethod)),
     }
     write_tensors(directory / WEIGHTS_FILE, adapter_state(model, name))
     write_json(directory / CONFIG_FILE, config)
@@ -101,9 +100,9 @@ def _attachment(model: nn.Module, name: str) -> Attachment:
     return book.attachments[name]
 
 
-def base_identity(model: nn.Module, paths: list[str]) -> dict[str, Any]:
+def base_identity(model: nn.Module, paths: list[str], model_level: bool) -> dict[str, Any]:
     config = getattr(model, "config", None)
-    shapes = {path: _host_shapes(model, path) for path in paths}
+    shapes = {path: _host_shapes(model, path, model_level) for path in paths}
     return {
         "class": type(model).__name__,
         "model_type": model_type(model),
@@ -113,13 +112,12 @@ def base_identity(model: nn.Module, paths: list[str]) -> dict[str, Any]:
     }
 
 
-def _host_shapes(model: nn.Module, path: str) -> dict[str, list[int]]:
-    """Shapes of the hosting module's own parameters; for the root, of the input embeddings."""
-    if path:
-        module = model.get_submodule(path)
-    else:
-        get_embeddings = getattr(model, "get_input_embeddings", None)
-        module = get_embeddings() if callable(get_embeddings) else model
+def _host_shapes(model: nn.Module, path: str, model_level: bool) -> dict[str, list[int]]:
+    """Shapes of the hosting module's own parameters; for model-level adapters, of the input embeddings."""
+    module = model.get_submodule(path)
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if model_level and callable(get_embeddings):
+        module = get_embeddings()
     return {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
 
 
@@ -127,9 +125,8 @@ def fingerprint(model: nn.Module, paths: list[str]) -> str:
     """A short hash of a sample of the base weights the adapter sits on."""
     digest = hashlib.sha256()
     for path in sorted(paths)[:8]:
-        module = model.get_submodule(path) if path else model
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or path == "":
+        weight = getattr(model.get_submodule(path), "weight", None)
+        if not isinstance(weight, torch.Tensor):
             continue
         sample = weight.detach().reshape(-1)[:512].float().cpu()
         digest.update(sample.numpy().round(4).tobytes())
@@ -180,18 +177,18 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str = "default
         options, paths, base = config["options"], config["paths"], config["base"]
     except KeyError as exc:
         raise AdapterFileError(f"{directory / CONFIG_FILE} lacks the field {exc}") from None
-    method_config = method.from_options({**options, "targets": [p for p in paths if p] or options.get("targets")})
-    check_base(model, base, paths, strict=method_config.derives_from_weights)
+    method_config = method.from_options({**options, "targets": paths} if issubclass(method, LayerMethod) else options)
+    check_base(model, base, paths, method_config)
     attach_saved(model, method_config, paths, tensors, name=name, source=str(directory))
     return model
 
 
-def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], strict: bool) -> None:
+def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], config) -> None:
     saved_type, here_type = base.get("model_type"), model_type(model)
     if saved_type and here_type and saved_type != here_type:
         raise AdapterFileError(f"the adapter was trained on a {saved_type} model; this model is {here_type}")
     api.check_targets_exist(model, paths)
-    here = base_identity(model, paths)
+    here = base_identity(model, paths, isinstance(config, ModelMethod))
     for path, shapes in base.get("shapes", {}).items():
         if shapes != here["shapes"].get(path):
             raise AdapterFileError(f"shape mismatch at {path or 'the model root'}: adapter expects {shapes}, "
@@ -199,7 +196,7 @@ def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], strict:
     if base.get("fingerprint") and base["fingerprint"] != here["fingerprint"]:
         message = ("the base weights differ from those the adapter was made on (fingerprint "
                    f"{base['fingerprint']} vs {here['fingerprint']})")
-        if strict:
+        if config.derives_from_weights:
             raise AdapterFileError(message + "; this method's state is derived from them, so it cannot load")
         warnings.warn(message, stacklevel=3)
 
@@ -225,8 +222,7 @@ def attach_saved(model, config, paths, tensors, *, name: str, source: str) -> No
 def _fill(model: nn.Module, name: str, paths: list[str], tensors: dict[str, torch.Tensor], source: str) -> None:
     remaining = dict(tensors)
     for path in paths:
-        module = model.get_submodule(path) if path else model
-        adapter = slot_of(module)[name]
+        adapter = slot_of(model.get_submodule(path))[name]
         prefix = f"{path}." if path else ""
         expected = adapter.state_dict()
         part = {}

@@ -13,6 +13,13 @@ import torch
 from torch import nn
 
 
+def backbone_path(model: nn.Module) -> str:
+    """Path of the transformer body under a task head (``model`` of LlamaForCausalLM), "" if none."""
+    prefix = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, prefix, None) if prefix else None
+    return prefix if isinstance(inner, nn.Module) and inner is not model else ""
+
+
 def forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(type(model).forward).parameters)
 

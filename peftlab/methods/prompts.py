@@ -11,9 +11,10 @@ Liang 2021, arXiv 2101.00190) learns, for every layer, n key and value vectors t
 attends to, optionally through a reparametrisation MLP from n embeddings.
 
 Mechanics, shared by all three: a virtual token occupies positions 0..n-1, so real tokens start at
-position n (as in HF PEFT), the attention mask gets n leading ones, outputs are cut back to the real
-tokens so logits line up with input_ids, and a model's internal loss scores the same tokens as
-without the prompt (HF PEFT also scores x1, predicted from the last virtual token). With a KV cache the
+position n (as in HF PEFT), the attention mask gets n leading ones. The adapters hook the transformer
+body (``model.model`` of a CausalLM) and cut its outputs back to the real tokens, so task heads,
+logits and losses line up with input_ids (HF PEFT instead also scores x1 from the last virtual
+token). With a KV cache the
 virtual tokens live in the cache: the first call fills it (and marks it), later calls only shift the
 mask and positions, so ``generate`` works unchanged. Prefix tuning needs a model that takes a KV
 cache (decoder LMs); prompt tuning and P-tuning work on any transformers model that accepts
@@ -108,10 +109,6 @@ class VirtualTokens(ModelAdapter):
         if kwargs.get("token_type_ids") is not None:
             tti = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat([tti.new_zeros(tti.shape[0], n), tti], dim=1)
-        if kwargs.get("labels") is not None:  # score the same tokens as without the prompt: not x1
-            labels = kwargs["labels"]
-            ignored = labels.new_full((labels.shape[0], n + 1), -100)
-            kwargs["labels"] = torch.cat([ignored, labels[:, 1:]], dim=1)
         _mark(cache, n)
         return kwargs, embeds.shape[1] + n
 
