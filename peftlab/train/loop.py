@@ -1,0 +1,396 @@
+"""The training loop: plain PyTorch, any registered method, resumable.
+
+One optimizer step = ``batch_size / micro_batch_size`` micro-batches; the loss of a step is the mean
+over all its supervised tokens (not a mean of micro-batch means). Per step: method hooks
+(``on_step``), forward/backward of each micro-batch (+ the methods' regularisation), gradient
+clipping, ``before_optimizer_step`` hooks, AdamW, the schedule. Checkpoints hold everything needed
+to continue bit-for-bit (adapter, optimizer, scheduler, RNG, data position); SIGINT/SIGTERM save one
+at the next step boundary before exiting. A non-finite loss or gradient stops the run with the last
+good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import peftlab
+from peftlab.core import api
+from peftlab.core.errors import PeftlabError
+from peftlab.core.files import write_json
+from peftlab.core.method import LayerMethod, TrainingStep
+
+from . import checkpoint
+from .data import Sequence, collate, collate_packed, epoch_batches, load_examples, pack, split_validation, tokenize
+from .loss import SupervisedLoss
+
+
+class TrainingError(PeftlabError, RuntimeError):
+    """Training cannot continue (non-finite loss, incompatible resume, ...)."""
+
+
+@dataclass
+class TrainArgs:
+    """Every setting of a run; the CLI, YAML configs and Python callers all fill this."""
+
+    model: str
+    data: str
+    output: str
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 16  # sequences per optimizer step
+    micro_batch_size: int = 4
+    lr: float = 3e-4
+    schedule: str = "linear"  # linear | cosine | constant, after warm-up
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    cutoff_len: int = 256
+    template: str = "alpaca"
+    train_on_inputs: bool = False
+    overlong: str = "truncate"  # truncate | drop | error
+    val_size: int = 0
+    eval_every: int = 0  # steps; 0: only at the end when val_size > 0
+    group_by_length: bool = True
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    calibration_batches: int = 8
+    save_every: int = 0  # steps; 0: no intermediate checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 42
+    resume: bool = False
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise PeftlabError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
+                               f"{self.micro_batch_size}")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise PeftlabError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise PeftlabError("set epochs > 0 or max_steps > 0")
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    val_loss: float | None
+
+
+def schedule_factor(args: TrainArgs, total_steps: int):
+    def factor(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        if args.schedule == "constant":
+            return 1.0
+        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+        if args.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+    return factor
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, model=None, tokenizer=None, progress: bool = True):
+        args.validate()
+        self.args = args
+        self.progress = progress
+        self.output = Path(args.output)
+        self.checkpoints = self.output / "checkpoints"
+        if model is None:
+            from peftlab.models import load_model
+
+            model, tokenizer = load_model(args.model)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+        self._prepare_data()
+
+    # ---------------------------------------------------------------------------------------- data
+
+    def _prepare_data(self) -> None:
+        args = self.args
+        examples = load_examples(args.data, args.template, self.tokenizer)
+        sequences = tokenize(examples, self.tokenizer, cutoff_len=args.cutoff_len,
+                             train_on_inputs=args.train_on_inputs, overlong=args.overlong)
+        self.train_set, self.val_set = split_validation(sequences, args.val_size, args.seed)
+        self.micro_per_step = args.batch_size // args.micro_batch_size
+        self.pad_id = self.tokenizer.pad_token_id
+        units = pack(self.train_set, args.cutoff_len) if args.packing else [[s] for s in self.train_set]
+        self.units = units
+        self.micro_per_epoch = math.ceil(len(units) / args.micro_batch_size)
+        total_micro = math.ceil(args.epochs * self.micro_per_epoch)
+        self.total_steps = args.max_steps or max(1, math.ceil(total_micro / self.micro_per_step))
+
+    def _collate(self, units: list[list[Sequence]]) -> dict[str, torch.Tensor]:
+        if self.args.packing:
+            mask_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            batch = collate_packed(units, self.pad_id, mask_dtype)
+        else:
+            batch = collate([u[0] for u in units], self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _micro_batches(self, epoch: int, cursor: int):
+        """Endless stream of (epoch, cursor after it, batch, real tokens in it) from a data position."""
+        lengths = [sum(len(s) for s in u) for u in self.units]
+        while True:
+            order = epoch_batches(lengths, self.args.micro_batch_size, seed=self.args.seed, epoch=epoch,
+                                  group_by_length=self.args.group_by_length)
+            for index in range(cursor, len(order)):
+                units = [self.units[i] for i in order[index]]
+                yield epoch, index + 1, self._collate(units), sum(lengths[i] for i in order[index])
+            epoch, cursor = epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------ adapters
+
+    def _attach(self) -> Path | None:
+        """Attach a fresh adapter, or the latest checkpoint's when resuming; returns that checkpoint."""
+        args = self.args
+        resume_from = checkpoint.latest(self.checkpoints) if args.resume else None
+        if args.resume and resume_from is None:
+            raise TrainingError(f"--resume: no checkpoint under {self.checkpoints}")
+        if resume_from is not None:
+            peftlab.load(self.model, resume_from)
+            return resume_from
+        method_class = peftlab.method_class(args.method)
+        calibration = None
+        if issubclass(method_class, LayerMethod) and method_class.needs_calibration:
+            stream = self._micro_batches(0, 0)
+            calibration = [{k: v for k, v in next(stream)[2].items() if k != "labels"}
+                           for _ in range(min(args.calibration_batches, self.micro_per_epoch))]
+        torch.manual_seed(args.seed)
+        peftlab.adapt(self.model, args.method, calibration=calibration, **args.method_options)
+        return None
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    def run(self) -> TrainResult:
+        args = self.args
+        self.output.mkdir(parents=True, exist_ok=True)
+        resumed = self._attach()
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(args, self.total_steps))
+        step, epoch, cursor, tokens = 0, 0, 0, 0
+        if resumed is not None:
+            state = checkpoint.read_state(resumed)
+            self._check_compatible(state)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            checkpoint.restore_rng(state["rng"])
+            step, epoch, cursor, tokens = state["step"], state["epoch"], state["cursor"], state["tokens"]
+        write_json(self.output / "train_config.json", dataclasses.asdict(args))
+        metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
+        loss_fn = SupervisedLoss(self.model)
+        stream = self._micro_batches(epoch, cursor)
+        self.model.train()
+        last_loss, val_loss, started = float("nan"), None, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress, desc="train", unit="step")
+        with _StopRequest() as stop:
+            while step < self.total_steps:
+                if stop.requested:
+                    saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+                    bar.close()
+                    raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
+                info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr, self.micro_per_step)
+                api.on_step(self.model, info)
+                batches, step_tokens = [], 0
+                for _ in range(self.micro_per_step):
+                    epoch, cursor, batch, count = next(stream)
+                    batches.append(batch)
+                    step_tokens += count
+                if step == 0 and resumed is None and not loss_fn.verify(batches[0]):
+                    metrics.note("fused loss path unavailable for this model; using the full forward")
+                last_loss = self._step(batches, loss_fn, step)
+                grad_norm = self._clip(params, step)
+                api.before_optimizer_step(self.model, info)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += step_tokens
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                if step % args.log_every == 0 or step == self.total_steps:
+                    metrics.log(step=step, epoch=epoch, loss=last_loss, lr=info.lr, grad_norm=grad_norm,
+                                tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+                if self.val_set and args.eval_every and step % args.eval_every == 0:
+                    val_loss = self.validate(loss_fn)
+                    metrics.log(step=step, val_loss=val_loss)
+                if args.save_every and step % args.save_every == 0:
+                    self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+        bar.close()
+        if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
+            val_loss = self.validate(loss_fn)
+            metrics.log(step=step, val_loss=val_loss)
+        peftlab.save(self.model, self.output)
+        metrics.close()
+        metrics.plot(self.output / "loss.png")
+        return TrainResult(self.output, step, tokens, time.perf_counter() - started, last_loss, val_loss)
+
+    def _step(self, batches, loss_fn, step: int) -> float:
+        total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            with self.autocast:
+                loss_sum, _ = loss_fn(batch)
+                loss = loss_sum / total_tokens
+                regularization = api.regularization(self.model)
+                if regularization is not None:
+                    loss = loss + regularization / len(batches)
+            if not torch.isfinite(loss):
+                raise TrainingError(self._non_finite("loss", step))
+            loss.backward()
+            step_loss += loss_sum.item() / total_tokens
+        return step_loss
+
+    def _clip(self, params, step: int) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0
+                                              else float("inf"))
+        if not torch.isfinite(norm):
+            raise TrainingError(self._non_finite("gradient norm", step))
+        return float(norm)
+
+    def _non_finite(self, what: str, step: int) -> str:
+        kept = checkpoint.latest(self.checkpoints)
+        where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
+        return (f"{what} became non-finite at step {step + 1}; stopped ({where}). "
+                f"Try a lower learning rate (now {self.args.lr}) or gradient clipping.")
+
+    def _save(self, step, epoch, cursor, tokens, optimizer, scheduler) -> Path:
+        state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens": tokens,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": checkpoint.rng_state(), "args": dataclasses.asdict(self.args)}
+        return checkpoint.write(self.checkpoints, step, self.model, state, self.args.keep_checkpoints)
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        saved = state["args"]
+        for key in ("method", "method_options", "data", "batch_size", "micro_batch_size", "seed", "cutoff_len",
+                    "packing", "template"):
+            if saved.get(key) != getattr(self.args, key):
+                raise TrainingError(f"cannot resume: {key} was {saved.get(key)!r}, now {getattr(self.args, key)!r}")
+
+    @torch.no_grad()
+    def validate(self, loss_fn: SupervisedLoss) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.val_set), self.args.micro_batch_size):
+            batch = self._collate([[s] for s in self.val_set[start:start + self.args.micro_batch_size]])
+            with self.autocast:
+                loss_sum, n = loss_fn(batch)
+            total, count = total + loss_sum.item(), count + n
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+
+class _Metrics:
+    """metrics.jsonl (truncated to ``keep_until`` on resume), optional TensorBoard, the loss plot."""
+
+    def __init__(self, path: Path, keep_until: int, tensorboard: bool):
+        self.path = path
+        kept = []
+        if keep_until and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def log(self, **values: Any) -> None:
+        self.file.write(json.dumps(values) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, values["step"])
+
+    def note(self, message: str) -> None:
+        self.file.write(json.dumps({"note": message}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self, target: Path) -> bool:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(target, dpi=120)
+        plt.close(fig)
+        return True
+
+
+def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True) -> TrainResult:
+    return Trainer(args, model, tokenizer, progress).run()
