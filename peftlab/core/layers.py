@@ -35,11 +35,19 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear-like module."""
+    """(in, out) widths: of a linear-like module; (vocabulary, width) of an embedding; (d, d) of a
+    module with a 1-D weight such as a norm."""
     if is_conv1d(module):
         fan_in, fan_out = module.weight.shape
         return fan_in, fan_out
-    return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0], weight.shape[0]
+    raise TypeError(f"cannot tell the input and output widths of {type(module).__name__}")
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -233,7 +233,7 @@ class Trainer:
         loss_fn = SupervisedLoss(self.model)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
-        last_loss, val_loss, started = float("nan"), None, time.perf_counter()
+        last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False
         bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress, desc="train", unit="step")
         with _StopRequest() as stop:
             while step < self.total_steps:
@@ -248,8 +248,10 @@ class Trainer:
                     epoch, cursor, batch, count = next(stream)
                     batches.append(batch)
                     step_tokens += count
-                if step == 0 and resumed is None and not loss_fn.verify(batches[0]):
-                    metrics.note("fused loss path unavailable for this model; using the full forward")
+                if not verified:
+                    verified = True
+                    if not loss_fn.verify(batches[0]):
+                        metrics.note("fused loss path unavailable for this model; using the full forward")
                 last_loss = self._step(batches, loss_fn, step)
                 grad_norm = self._clip(params, step)
                 api.before_optimizer_step(self.model, info)

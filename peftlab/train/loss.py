@@ -66,11 +66,17 @@ class SupervisedLoss:
 
     @torch.no_grad()
     def verify(self, batch: dict[str, torch.Tensor]) -> bool:
-        """Check the fused path against the model's own logits on ``batch``; fall back if they differ."""
+        """Check the fused path against the model's own logits on ``batch`` (in eval mode, so dropout
+        neither differs between the two nor draws random numbers); fall back if they differ."""
         if not self.fused:
             return False
-        ours, count = self(batch)
-        self.fused = False
-        reference, _ = self(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ours, count = self(batch)
+            self.fused = False
+            reference, _ = self(batch)
+        finally:
+            self.model.train(was_training)
         self.fused = bool(torch.allclose(ours, reference, rtol=2e-3, atol=1e-3 * max(count, 1)))
         return self.fused

@@ -1,0 +1,211 @@
+"""Data pipeline, loss, and the training loop: checkpoints, resume, interruption, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.train import checkpoint
+from peftlab.train.data import (
+    IGNORE,
+    DataError,
+    collate,
+    collate_packed,
+    epoch_batches,
+    load_examples,
+    pack,
+    tokenize,
+)
+from peftlab.train.loop import TrainArgs, Trainer, TrainingError, train
+from peftlab.train.loss import SupervisedLoss
+from peftlab.train.templates import Example, to_example
+
+from .conftest import char_tokenizer, tiny_llama
+
+
+def write_data(path, n=48):
+    records = [{"instruction": f"add {a} {b}", "input": "", "output": f"{a + b}", "answer": str(a + b)}
+               for a in range(8) for b in range(6)][:n]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def args_for(tmp_path, **overrides):
+    settings = dict(model="tiny", data=str(write_data(tmp_path / "data.json")), output=str(tmp_path / "run"),
+                    method="lora", method_options={"r": 4, "dropout": 0.1}, max_steps=8, batch_size=4,
+                    micro_batch_size=2, lr=1e-2, warmup_steps=1, cutoff_len=48, template="plain", log_every=1,
+                    save_every=2)
+    return TrainArgs(**{**settings, **overrides})
+
+
+def run(args, **kwargs):
+    torch.manual_seed(0)
+    return train(args, model=tiny_llama(), tokenizer=char_tokenizer(), progress=False, **kwargs)
+
+
+def losses(output) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def test_tokenize_masks_the_prompt_and_appends_eos():
+    tokenizer = char_tokenizer()
+    [seq] = tokenize([Example("ab\n", "cd", None, 0)], tokenizer, cutoff_len=32)
+    assert seq.input_ids == [*tokenizer("ab\ncd")["input_ids"], tokenizer.eos_token_id]
+    assert seq.labels == [IGNORE] * 3 + seq.input_ids[3:]
+    [seq] = tokenize([Example("ab\n", "cd", None, 0)], tokenizer, cutoff_len=32, train_on_inputs=True)
+    assert seq.labels == seq.input_ids
+
+
+def test_overlong_records_are_truncated_dropped_or_named():
+    tokenizer = char_tokenizer()
+    examples = [Example("ab\n", "cdefgh", None, 0), Example("x\n", "y", None, 1)]
+    truncated = tokenize(examples, tokenizer, cutoff_len=5)
+    assert len(truncated[0]) == 5 and truncated[0].input_ids[-1] != tokenizer.eos_token_id
+    assert [s.index for s in tokenize(examples, tokenizer, cutoff_len=5, overlong="drop")] == [1]
+    with pytest.raises(DataError, match="record 0 is 10 tokens"):
+        tokenize(examples, tokenizer, cutoff_len=5, overlong="error")
+    with pytest.raises(DataError, match="record 0 .*prompt 3"):
+        tokenize([Example("ab\n", "c", None, 0)], tokenizer, cutoff_len=3)
+
+
+def test_bad_records_are_named(tmp_path):
+    with pytest.raises(DataError, match="record 1 has none of instruction"):
+        (tmp_path / "d.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"question": "x"}]))
+        load_examples(tmp_path / "d.json")
+    with pytest.raises(DataError, match="is empty"):
+        (tmp_path / "e.json").write_text("")
+        load_examples(tmp_path / "e.json")
+    with pytest.raises(DataError, match="no chat template"):
+        to_example({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 0,
+                   tokenizer=char_tokenizer())
+
+
+def test_templates_render_llm_adapters_prompts():
+    prompt = to_example({"instruction": "Q", "input": "ctx", "output": "A"}, 0).prompt
+    assert prompt.startswith("Below is an instruction that describes a task, paired with an input")
+    assert prompt.endswith("### Instruction:\nQ\n\n### Input:\nctx\n\n### Response:\n")
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    lengths = [5, 9, 2, 7, 7, 3, 8, 1, 4]
+    first = epoch_batches(lengths, 2, seed=3, epoch=1)
+    assert first == epoch_batches(lengths, 2, seed=3, epoch=1) != epoch_batches(lengths, 2, seed=3, epoch=2)
+    assert sorted(i for b in first for i in b) == list(range(len(lengths)))
+
+
+def test_packed_batches_give_the_unpacked_loss():
+    model, tokenizer = tiny_llama(), char_tokenizer()
+    examples = [Example("a+b\n", "ab", None, 0), Example("xyz\n", "q", None, 1), Example("k\n", "lmno", None, 2)]
+    sequences = tokenize(examples, tokenizer, cutoff_len=32)
+    loss_fn = SupervisedLoss(model)
+    with torch.no_grad():
+        plain, n_plain = loss_fn(collate(sequences, 0))
+        packed, n_packed = loss_fn(collate_packed(pack(sequences, 32), 0, torch.float32))
+    assert n_plain == n_packed and torch.allclose(plain, packed, atol=1e-4)
+
+
+def test_fused_loss_equals_the_models_own_loss():
+    model, tokenizer = tiny_llama(), char_tokenizer()
+    sequences = tokenize([Example("ab\n", "cde", None, 0), Example("x\n", "yz", None, 1)], tokenizer, cutoff_len=32)
+    batch = collate(sequences, 0)
+    loss_fn = SupervisedLoss(model, chunk_tokens=2)
+    assert loss_fn.fused and loss_fn.verify(batch)
+    with torch.no_grad():
+        total, count = loss_fn(batch)
+        reference = model(**batch).loss
+    assert torch.allclose(total / count, reference, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def test_training_lowers_the_loss_and_writes_everything(tmp_path):
+    result = run(args_for(tmp_path, max_steps=30, save_every=0, val_size=8, lr=3e-2, method_options={"r": 4}))
+    out = tmp_path / "run"
+    steps = losses(out)
+    first, last = sum(steps[s] for s in (1, 2, 3)) / 3, sum(steps[s] for s in (28, 29, 30)) / 3
+    assert last < first - 0.1, steps  # a frozen random tiny model: a small but real drop
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "train_config.json",
+            "loss.png"} <= {p.name for p in out.iterdir()}
+    assert result.val_loss is not None and result.steps == 30
+    model = peftlab.load(tiny_llama(), out)
+    assert peftlab.adapters(model)["default"].r == 4
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    run(args_for(tmp_path / "a"))  # the reference, uninterrupted; dropout on, so RNG state matters
+    reference = losses(tmp_path / "a" / "run")
+
+    original = Trainer._step
+
+    def dies_at_step_5(self, batches, loss_fn, step):
+        if step == 5:
+            raise KeyboardInterrupt  # a hard kill: no chance to save
+        return original(self, batches, loss_fn, step)
+
+    monkeypatch.setattr(Trainer, "_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(args_for(tmp_path / "b"))
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert checkpoint.latest(tmp_path / "b" / "run" / "checkpoints").name == "step-00000004"
+    run(args_for(tmp_path / "b", resume=True))
+    resumed = losses(tmp_path / "b" / "run")
+    assert resumed == reference
+
+
+def test_sigint_saves_a_checkpoint_at_the_step_boundary(tmp_path, monkeypatch):
+    original = peftlab.core.api.on_step
+
+    def interrupt_at_3(model, step):
+        if step.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(model, step)
+
+    monkeypatch.setattr(peftlab.core.api, "on_step", interrupt_at_3)
+    with pytest.raises(TrainingError, match="interrupted; checkpoint .*step-00000004.* --resume"):
+        run(args_for(tmp_path, save_every=0))
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / checkpoint.STATE_FILE).is_file()
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = Trainer._step
+
+    def nan_at_step_3(self, batches, loss_fn, step):
+        if step == 3:
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.data.fill_(float("nan"))
+        return original(self, batches, loss_fn, step)
+
+    monkeypatch.setattr(Trainer, "_step", nan_at_step_3)
+    with pytest.raises(TrainingError, match="non-finite at step 4.*step-00000002.*lower learning rate"):
+        run(args_for(tmp_path))
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    run(args_for(tmp_path))
+    with pytest.raises(TrainingError, match="cannot resume: batch_size"):
+        run(args_for(tmp_path, batch_size=8, resume=True))
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        run(args_for(tmp_path / "fresh", resume=True))
+
+
+def test_method_hooks_are_called_in_order(tmp_path, monkeypatch):
+    calls = []
+    config_class = peftlab.method_class("lora")
+    monkeypatch.setattr(config_class, "on_step", lambda self, adapters, step: calls.append(("step", step.step)),
+                        raising=False)
+    monkeypatch.setattr(config_class, "before_optimizer_step",
+                        lambda self, adapters, step: calls.append(("update", step.step)), raising=False)
+    run(args_for(tmp_path, max_steps=2, save_every=0))
+    assert calls == [("step", 0), ("update", 0), ("step", 1), ("update", 1)]
