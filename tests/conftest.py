@@ -11,6 +11,16 @@ VOCAB = 128  # fits the char-level tokenizer below (3 specials + 96 characters)
 torch.set_num_threads(1)
 
 
+def _random_biases(model, seed: int):
+    """transformers starts biases at 0, which would hide how a method's merge treats them."""
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -18,7 +28,7 @@ def tiny_llama(seed: int = 0):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return _random_biases(LlamaForCausalLM(config).eval(), seed)
 
 
 def tiny_gpt2(seed: int = 0):
@@ -27,7 +37,7 @@ def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return _random_biases(GPT2LMHeadModel(config).eval(), seed)
 
 
 def tiny_bert(seed: int = 0):
@@ -36,7 +46,7 @@ def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=128)
-    return BertModel(config, add_pooling_layer=False).eval()
+    return _random_biases(BertModel(config, add_pooling_layer=False).eval(), seed)
 
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

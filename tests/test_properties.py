@@ -135,7 +135,10 @@ def test_init_matches_what_the_method_promises(case, kind):
     with torch.no_grad():
         out = output_of(model, inputs)
     assert out.shape == base.shape
-    assert close(out, base) == config.identity_at_init
+    if config.identity_at_init:
+        assert close(out, base)
+    else:  # the promised change may be tiny (nlora's is O(|W0|^3)); it must exist
+        assert not torch.equal(out, base)
 
 
 @params

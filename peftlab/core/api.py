@@ -82,6 +82,7 @@ def _attach_layers(model, config: LayerMethod, name, batches, restoring: bool) -
         module = model.get_submodule(path)
         site = Site(path, module, role_of(model, path), statistics.get(path), restoring=restoring)
         built[path] = config.build(site).to(site.device)
+    config.finish_build(built, restoring)
     for path, adapter in built.items():
         attach_layer(model.get_submodule(path), name, adapter)
     return paths

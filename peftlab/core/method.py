@@ -200,6 +200,10 @@ class LayerMethod(MethodConfig):
     def build(self, site: Site) -> LayerAdapter:
         raise NotImplementedError
 
+    def finish_build(self, adapters: dict[str, LayerAdapter], restoring: bool) -> None:
+        """Called once every site of one attachment is built, before any is attached: wire state across
+        layers (shared pools, global budgets). May raise ConfigError; the model is still untouched."""
+
     def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int | None:
         """Trainable parameters added to one (in -> out) layer by the documented formula (None: the
         count depends on the weights)."""

@@ -1,0 +1,308 @@
+"""TriAdaptLoRA: LoRA with a triangular-split core whose rank grows where it matters.
+
+Liang, Wang, Zeng 2025, arXiv 2501.08008. Official code followed: the first author's PEFT fork in
+YaoLiang2023/DiverValue-Bench, ``peft/src/peft/tuners/triadaptlora.py`` at commit
+7ccb196eba10fd8eb506bd08f5d163adb472a6ef (file last changed in 448a1bbd "update"); no stand-alone
+TriAdaptLoRA repository was found. Only the abstract of the paper could be read here.
+
+Each adapted layer computes ΔW = s · B C A with a square core C split into a block-lower and a
+block-upper triangular part (the diagonal blocks belong to both)::
+
+        rank blocks:  b0 | b1 | b2 ...       (b0 = init_rank, then incre_rank_num each)
+
+        C = L + U      L = [L00  0    0  ]     U = [U00 U01 U02]
+                           [L10 L11   0  ]         [ 0  U11 U12]
+                           [L20 L21  L22 ]         [ 0   0  U22]
+
+    x ─► dropout ─► A (R x in) ─► C (R x R) ─► B (out x R) ─► (× s) ─► (+ W0 x + b) ─► y
+
+Adding a block k appends rows to A, columns to B, a block row to L and a block column to U.
+
+Importance (normalised Frobenius norm): for each layer, n = ‖C_active‖_F / (number of active
+blocks); its score at an allocation step is the *change* of n since the previous allocation step
+(the code's ``compute_score`` keeps ``preNormValue``). Rank growth (the code's ``RankAllocator``):
+from step ``init_warmup`` on, every ``incre_interval`` steps while the total active rank is below the
+budget T (default reference_rank × #layers), with c = (step - init_warmup) / (total_steps -
+init_warmup) and R_now the total active rank, the number of layers to grow is
+
+    linear:      m = int((T - R_now) · c)          non-linear: m = int(exp(c · ln(T - R_now)))
+
+(at least 1); the threshold is the m-th largest score and every layer scoring at least the threshold
+gains ``incre_rank_num`` ranks. The orthogonality regulariser of the code,
+orth_reg_weight · mean over layers of (‖A Aᵀ - I‖_F + ‖Bᵀ B - I‖_F) on the active factors, is the
+``regularization`` hook.
+
+Shapes never change during training: every layer allocates ``max_rank`` rows/columns at build time
+and a persistent buffer ``active_rank`` masks the unused ones (they get zero gradients). Growth runs
+in ``on_step`` (before the step's micro-batches; the code grows after ``optimizer.step``, which is the
+same point in the sequence). The score bookkeeping (``previous_norm``) and the ranks are persistent
+buffers, so a saved adapter resumes growth exactly.
+
+Init (code at the commit above): A ~ N(0, 0.02), B = 0, the first diagonal block of both L and U is
+the identity (so C starts at 2·I); the model is unchanged at init. Scale s = alpha with alpha 2: the
+code's forward multiplies by a fixed 2 (its first commit used lora_alpha / current rank, kept here as
+``rank_scaled=True``; with it the scale of the existing blocks drops when a layer grows).
+
+Defaults (``TriAdaptLoraConfig``): reference_rank 8, init_rank 1, incre_rank_num reference_rank / 2
+(the code's lookup table), init_warmup 0, incre_interval 1, linear growth, orth_reg_weight 0.5,
+dropout 0 (LoraConfig's default).
+
+Trainable parameters per adapted layer: R·(in + out) + 2·R² with R = max_rank (A, B and the two R x R
+triangular parts, of which the entries outside each triangle are masked and never train).
+
+Deviations, [peftlab]:
+* ``max_rank`` (default init_rank + incre_rank_num · ceil(2·reference_rank / incre_rank_num), 17 at
+  defaults): the code appends parameters without a per-layer cap; preallocation needs one. Layers at
+  the cap are not eligible for growth.
+* New blocks: the code initialises each appended rectangular block of L and U with ``eye_``, which
+  puts its ones at the first columns (rows) of C, not on the new diagonal block, so growing changes
+  the output (B_old · C[old, new] · A_new ≠ 0). Here a new block gets the identity on its own
+  diagonal block in L and U and zeros elsewhere: growth is function-preserving (B_new = 0 and
+  C[old, new] = 0), and the new block trains from the next step. Its A rows are re-drawn from
+  N(0, 0.02) at activation (inactive rows only saw weight decay).
+* Local generators (seeded from ``seed``, the site and the step) instead of the global RNG.
+* ``top_k`` and ``weight_decay`` of the code's config are not used by its algorithm (the optimizer
+  group for new parameters) and are not options here.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import ConfigError
+from peftlab.core.layers import linear
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
+from peftlab.core.registry import register
+
+GROWTH = ("linear", "non-linear")
+A_STD = 0.02
+
+
+def _seed(*parts: int | str) -> int:
+    value = 0
+    for part in parts:
+        part = zlib.crc32(part.encode()) if isinstance(part, str) else int(part)
+        value = (value * 1_000_003 + part) % 2**63
+    return value
+
+
+class TriAdaptLoRAAdapter(LayerAdapter):
+    def __init__(self, config: TriAdaptLoRA, site: Site):
+        super().__init__()
+        fan_in, fan_out = site.features
+        dev = site.device
+        size = config.max_rank_value
+        self.alpha = config.alpha
+        self.rank_scaled = config.rank_scaled
+        self.init_rank = config.init_rank
+        self.block_size = config.block
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.zeros(size, fan_in, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(fan_out, size, device=dev))
+        self.lower = nn.Parameter(torch.zeros(size, size, device=dev))
+        self.upper = nn.Parameter(torch.zeros(size, size, device=dev))
+        positions = torch.arange(size, device=dev)
+        block = torch.where(positions < self.init_rank, 0, 1 + (positions - self.init_rank) // self.block_size)
+        self.register_buffer("positions", positions, persistent=False)
+        self.register_buffer("block_of", block, persistent=False)
+        self.register_buffer("lower_mask", (block[None, :] <= block[:, None]).float(), persistent=False)
+        self.register_buffer("upper_mask", (block[:, None] <= block[None, :]).float(), persistent=False)
+        self.register_buffer("active_rank", torch.tensor(self.init_rank, device=dev))
+        self.register_buffer("previous_norm", torch.zeros((), device=dev))
+        if site.restoring:
+            return
+        gen = torch.Generator().manual_seed(_seed(config.seed, site.path))
+        with torch.no_grad():
+            self.lora_A.copy_(torch.randn(size, fan_in, generator=gen) * A_STD)
+            eye = torch.eye(size, device=dev)
+            self.lower.copy_(eye)
+            self.upper.copy_(eye)
+            self.previous_norm.copy_(self.normalised_norm())
+
+    # ---- the computation
+    def mask(self) -> torch.Tensor:
+        return (self.positions < self.active_rank).float()
+
+    def core(self) -> torch.Tensor:
+        """C = L + U on the active blocks (R x R, zero outside)."""
+        m = self.mask()
+        c = self.lower * self.lower_mask + self.upper * self.upper_mask
+        return c * (m[:, None] * m[None, :])
+
+    def scale(self) -> torch.Tensor | float:
+        return self.alpha / self.active_rank.float() if self.rank_scaled else self.alpha
+
+    def forward(self, layer, x, base):
+        m = self.mask()
+        h = linear(self.dropout(x), self.lora_A * m[:, None])
+        h = linear(h, self.core())
+        delta = linear(h, self.lora_B * m[None, :])
+        scale = self.scale()
+        return base(x) + delta * (scale.to(delta.dtype) if torch.is_tensor(scale) else scale)
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        m = self.mask()
+        b, a = self.lora_B.float() * m[None, :], self.lora_A.float() * m[:, None]
+        return self.scale() * (b @ self.core().float() @ a)
+
+    # ---- growth bookkeeping
+    def rank(self) -> int:
+        return int(self.active_rank)
+
+    def blocks(self) -> int:
+        return int(self.block_of[self.rank() - 1]) + 1
+
+    def normalised_norm(self) -> torch.Tensor:
+        return torch.linalg.norm(self.core().detach().float()) / self.blocks()
+
+    def importance(self) -> float:
+        """Change of ‖C‖_F / #blocks since the previous call (and remember the new value)."""
+        current = self.normalised_norm()
+        score = float(current - self.previous_norm)
+        self.previous_norm.copy_(current)
+        return score
+
+    @torch.no_grad()
+    def grow(self, gen: torch.Generator) -> None:
+        """Activate the next block, leaving the layer's output unchanged."""
+        start = self.rank()
+        stop = start + self.block_size
+        new = slice(start, stop)
+        self.lora_A[new] = (torch.randn(stop - start, self.lora_A.shape[1], generator=gen) * A_STD).to(self.lora_A)
+        self.lora_B[:, new] = 0
+        self.lower[new, :] = 0
+        self.upper[:, new] = 0
+        eye = torch.eye(stop - start, device=self.lower.device)
+        self.lower[new, new] = eye
+        self.upper[new, new] = eye
+        self.active_rank.fill_(stop)
+
+    def orthogonality(self) -> torch.Tensor:
+        m = self.mask()
+        a = self.lora_A.float() * m[:, None]
+        b = self.lora_B.float() * m[None, :]
+        eye = torch.diag(m)
+        return torch.linalg.norm(a @ a.T - eye) + torch.linalg.norm(b.T @ b - eye)
+
+
+@register
+@dataclass
+class TriAdaptLoRA(LayerMethod):
+    name: ClassVar[str] = "triadaptlora"
+    family: ClassVar[str] = "rank & structure"
+    paper: ClassVar[str] = "TriAdaptLoRA, arXiv 2501.08008"
+    formula: ClassVar[str] = "R·(in + out) + 2·R², R = max_rank"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    derives_from_weights: ClassVar[bool] = False
+
+    reference_rank: int = config_field(8, "target average rank; the budget is reference_rank x #layers")
+    init_rank: int = config_field(1, "rank every layer starts with")
+    incre_rank_num: int | None = config_field(None, "ranks added per growth (None: reference_rank // 2)")
+    max_rank: int | None = config_field(None, "per-layer cap, preallocated (None: init + 2·reference, block-aligned)")
+    target_total_rank: int | None = config_field(None, "total rank budget (None: reference_rank x #layers)")
+    init_warmup: int = config_field(0, "optimizer steps before the first growth")
+    incre_interval: int = config_field(1, "optimizer steps between growth rounds")
+    rank_growth: str = config_field("linear", "linear | non-linear: how many layers grow per round")
+    orth_reg_weight: float = config_field(0.5, "weight of the orthogonality regulariser on A and B")
+    alpha: float = config_field(2.0, "scale s (s = alpha / active rank with rank_scaled)")
+    rank_scaled: bool = config_field(False, "divide the scale by the current rank (the code's first commit)")
+    dropout: float = config_field(0.0, "dropout on the adapter's input")
+    seed: int = config_field(0, "seed of the initialisation and of re-drawn rows at growth")
+
+    def validate(self) -> None:
+        def positive_int(field_name: str, allow_none: bool = False, minimum: int = 1) -> None:
+            value = getattr(self, field_name)
+            ok = (allow_none and value is None) or (isinstance(value, int) and value >= minimum)
+            check(ok, self.name, f"{field_name} must be {'None or ' if allow_none else ''}an integer >= {minimum}, "
+                                 f"got {value!r}")
+
+        positive_int("reference_rank")
+        positive_int("init_rank")
+        positive_int("incre_rank_num", allow_none=True)
+        positive_int("max_rank", allow_none=True)
+        positive_int("target_total_rank", allow_none=True)
+        positive_int("init_warmup", minimum=0)
+        positive_int("incre_interval")
+        check(self.rank_growth in GROWTH, self.name, f"rank_growth must be one of {GROWTH}, got {self.rank_growth!r}")
+        check(self.orth_reg_weight >= 0, self.name, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
+        check(self.alpha > 0, self.name, f"alpha must be positive, got {self.alpha}")
+        check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
+        check(isinstance(self.seed, int), self.name, f"seed must be an integer, got {self.seed!r}")
+        if self.max_rank is not None:
+            extra = self.max_rank - self.init_rank
+            check(extra >= 0 and extra % self.block == 0, self.name,
+                  f"max_rank must be init_rank ({self.init_rank}) plus a multiple of incre_rank_num ({self.block}), "
+                  f"got {self.max_rank}")
+
+    @property
+    def block(self) -> int:
+        return self.incre_rank_num if self.incre_rank_num is not None else max(1, self.reference_rank // 2)
+
+    @property
+    def max_rank_value(self) -> int:
+        if self.max_rank is not None:
+            return self.max_rank
+        return self.init_rank + self.block * math.ceil(2 * self.reference_rank / self.block)
+
+    def build(self, site: Site) -> LayerAdapter:
+        if self.max_rank_value > min(site.features):
+            raise ConfigError(f"{self.name}: max_rank={self.max_rank_value} exceeds min(in, out) = "
+                              f"{min(site.features)} at {site.path}; lower max_rank or reference_rank")
+        return TriAdaptLoRAAdapter(self, site)
+
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
+        size = self.max_rank_value
+        return size * (in_features + out_features) + 2 * size * size
+
+    # ---- training hooks
+    def regularization(self, adapters: dict[str, nn.Module]) -> torch.Tensor | None:
+        if self.orth_reg_weight == 0 or not adapters:
+            return None
+        terms = torch.stack([a.orthogonality() for a in adapters.values()])
+        return self.orth_reg_weight * terms.sum() / (2 * len(adapters))
+
+    def budget(self, layers: int) -> int:
+        return self.target_total_rank if self.target_total_rank is not None else self.reference_rank * layers
+
+    def layers_to_grow(self, step: int, total_steps: int, remaining: int) -> int:
+        """The code's ``compute_threshold``: how many layers the threshold admits this round."""
+        span = total_steps - self.init_warmup
+        progress = (step - self.init_warmup) / span if span > 0 else 1.0
+        if self.rank_growth == "linear":
+            count = int(remaining * progress)
+        else:
+            count = int(math.exp(progress * math.log(remaining)))
+        return max(count, 1)
+
+    def on_step(self, adapters: dict[str, nn.Module], step: TrainingStep) -> dict[str, float] | None:
+        """A growth round when due; returns the scores it used (None when no round ran)."""
+        if step.step <= self.init_warmup or step.step % self.incre_interval != 0:
+            return None
+        total = sum(a.rank() for a in adapters.values())
+        target = self.budget(len(adapters))
+        if total >= target:
+            return None
+        scores = {path: a.importance() for path, a in adapters.items()}
+        eligible = [p for p, a in adapters.items() if a.rank() + a.block_size <= a.lora_A.shape[0]]
+        if not eligible:
+            return scores
+        count = min(self.layers_to_grow(step.step, step.total_steps, target - total), len(eligible))
+        threshold = sorted((scores[p] for p in eligible), reverse=True)[count - 1]
+        for index, path in enumerate(adapters):
+            if path in eligible and scores[path] >= threshold:
+                adapters[path].grow(torch.Generator().manual_seed(_seed(self.seed, path, step.step, index)))
+        return scores
+
+
+def rank_pattern(model: nn.Module, name: str = "default") -> dict[str, int]:
+    """The active rank of every layer of adapter ``name``."""
+    from peftlab.core import api
+
+    return {path: a.rank() for path, a in api.attached_adapters(model, name).items()}

@@ -1,0 +1,143 @@
+"""TriAdaptLoRA: triangular core, importance-driven rank growth inside preallocated factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.core import api
+from peftlab.core.method import TrainingStep
+from peftlab.methods.triadaptlora import rank_pattern
+
+from ..conftest import make_inputs, output_of, tiny_llama
+
+CASES = {"triadaptlora": {"reference_rank": 2, "init_rank": 2, "incre_rank_num": 2, "max_rank": 6}}
+VARIANTS = [("triadaptlora", {"reference_rank": 4, "rank_growth": "non-linear", "rank_scaled": True,
+                              "orth_reg_weight": 0.0, "dropout": 0.1})]
+
+SMALL = {"reference_rank": 2, "init_rank": 1, "incre_rank_num": 1, "max_rank": 3}
+
+
+def _step(model, s, total):
+    api.on_step(model, TrainingStep(s, total, 1e-3, 1e-3))
+
+
+def _randomise_b(adapters, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=gen) * 0.3)
+
+
+def test_core_is_block_lower_plus_block_upper():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", reference_rank=4, init_rank=1, incre_rank_num=2, max_rank=5)
+    adapter = next(iter(api.attached_adapters(model, "default").values()))
+    # blocks: [0] [1 2] [3 4]
+    assert adapter.block_of.tolist() == [0, 1, 1, 2, 2]
+    low, up = adapter.lower_mask.bool(), adapter.upper_mask.bool()
+    assert low[2, 1] and low[1, 2] and not low[0, 1] and low[3, 0]  # diagonal blocks are in both parts
+    assert up[0, 4] and not up[3, 1] and (low | up).all() and (low & up).sum() == 1 + 4 + 4
+    assert torch.equal(adapter.core()[:1, :1], 2 * torch.eye(1))  # C starts at L00 + U00 = 2 I
+    assert adapter.core()[1:].abs().sum() == 0  # inactive blocks are masked
+
+
+def test_growth_follows_importance_and_keeps_shapes_and_outputs():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", target_total_rank=30, **SMALL)
+    adapters = api.attached_adapters(model, "default")
+    _randomise_b(adapters)
+    paths = list(adapters)
+    boosted = {paths[3]: 4.0, paths[7]: 3.0, paths[0]: 2.0, paths[12]: 1.0, paths[5]: 0.5}
+    with torch.no_grad():
+        for p, extra in boosted.items():
+            adapters[p].lower[0, 0] += extra  # ‖C‖ grew: these layers are important
+    shapes = {n: (id(p), p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        before = output_of(model, inputs)
+    assert sum(rank_pattern(model).values()) == 14
+    # total 14, budget 30: (30 - 14) * (4 / 16) = 4 layers grow, the four most important ones
+    _step(model, 4, 16)
+    grown = {p for p, r in rank_pattern(model).items() if r == 2}
+    assert grown == set(list(boosted)[:4])
+    assert sum(rank_pattern(model).values()) == 18
+    assert shapes == {n: (id(p), p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        assert torch.allclose(output_of(model, inputs), before, atol=1e-6)  # growth is function-preserving
+    # the new block trains from now on
+    model.train()
+    output_of(model, inputs).pow(2).mean().backward()
+    for p, a in adapters.items():
+        assert (a.lora_B.grad[:, 1].abs().sum() > 0) == (p in grown)
+        assert a.lora_B.grad[:, 2:].abs().sum() == 0
+
+
+def test_warmup_interval_cap_and_budget():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", init_warmup=2, incre_interval=3, **SMALL)  # budget 28
+    for s in range(3):  # steps 0..2: warm-up (growth needs step > init_warmup)
+        _step(model, s, 100)
+    assert set(rank_pattern(model).values()) == {1}
+    _step(model, 4, 100)  # not a multiple of incre_interval
+    assert set(rank_pattern(model).values()) == {1}
+    _step(model, 3, 100)
+    assert sum(rank_pattern(model).values()) > 14
+    for s in range(6, 400, 3):
+        _step(model, s, 100)
+    ranks = rank_pattern(model)
+    assert max(ranks.values()) <= 3 and sum(ranks.values()) >= 28  # capped per layer; stops at the budget
+    assert sum(ranks.values()) < 28 + 14
+
+
+def test_scores_are_the_change_of_the_normalised_frobenius_norm():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", **SMALL)
+    adapter = next(iter(api.attached_adapters(model, "default").values()))
+    assert torch.isclose(adapter.previous_norm, torch.tensor(2.0))  # ‖2·I_1‖ / 1 block
+    with torch.no_grad():
+        adapter.upper[0, 0] = 2.0  # C00 = 1 + 2
+    assert adapter.importance() == pytest.approx(1.0)
+    assert adapter.importance() == pytest.approx(0.0)
+
+
+def test_grown_ranks_survive_save_and_load(tmp_path):
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", **SMALL)
+    adapters = api.attached_adapters(model, "default")
+    with torch.no_grad():
+        next(iter(adapters.values())).lower[0, 0] += 1
+    _step(model, 1, 10)
+    _randomise_b(adapters, seed=2)
+    inputs = make_inputs("llama")
+    with torch.no_grad():
+        expected = output_of(model, inputs)
+    peftlab.save(model, tmp_path / "a")
+    fresh = peftlab.load(tiny_llama(), tmp_path / "a")
+    assert rank_pattern(fresh) == rank_pattern(model)
+    with torch.no_grad():
+        assert torch.allclose(output_of(fresh, inputs), expected, atol=1e-6)
+
+
+def test_orthogonality_regulariser_on_active_factors():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", **SMALL)
+    adapters = api.attached_adapters(model, "default")
+    reg = peftlab.regularization(model)
+    a = next(iter(adapters.values()))
+    row = a.lora_A[0].detach()
+    expected_first = abs(row @ row - 1) + 1.0  # ‖A Aᵀ − I‖ (rank 1) + ‖Bᵀ B − I‖ with B = 0
+    assert reg is not None and reg.item() > 0
+    assert a.orthogonality().item() == pytest.approx(expected_first.item(), rel=1e-5)
+    model2 = peftlab.adapt(tiny_llama(), "triadaptlora", orth_reg_weight=0.0, **SMALL)
+    assert peftlab.regularization(model2) is None
+
+
+def test_config_errors():
+    for bad in ({"reference_rank": 0}, {"max_rank": 4, "init_rank": 1, "incre_rank_num": 2},
+                {"rank_growth": "cubic"}, {"incre_interval": 0}, {"orth_reg_weight": -1.0}):
+        with pytest.raises(peftlab.ConfigError):
+            peftlab.TriAdaptLoRA(**bad)
+
+
+def test_trainable_count_on_llama_7b_shapes():
+    config = peftlab.TriAdaptLoRA()  # reference 8, init 1, blocks of 4 -> max_rank 17
+    assert config.max_rank_value == 17
+    assert config.trainable_count(4096, 4096) == 17 * 8192 + 2 * 17 * 17 == 139_842
+    per_layer = 4 * config.trainable_count(4096, 4096) + 3 * config.trainable_count(4096, 11008)
+    assert per_layer * 32 == 42_604_992
