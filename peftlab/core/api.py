@@ -155,9 +155,9 @@ def use(model: nn.Module, names: str | list[str]) -> nn.Module:
 def _check_stackable(model: nn.Module, names: list[str]) -> None:
     for path, _, slot in hosts(model):
         here = [n for n in names if n in slot]
-        if len(here) > 1 and any(getattr(slot[n], "reads_base_weight", False) for n in here):
-            raise ConfigError(f"adapters {here} cannot be stacked on {path}: one of them reads the base "
-                              f"weight directly")
+        if len(here) > 1 and not all(slot[n].stackable for n in here):
+            raise ConfigError(f"adapters {here} cannot be stacked on {path}: "
+                              f"{', '.join(n for n in here if not slot[n].stackable)} must be alone on its layers")
 
 
 def _book(model: nn.Module):

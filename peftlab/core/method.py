@@ -162,9 +162,9 @@ class Site:
 class LayerAdapter(nn.Module):
     """One adapter on one layer."""
 
-    # True when forward uses the layer's weight directly instead of calling ``base``: such an
-    # adapter cannot be stacked with another one on the same layer.
-    reads_base_weight: ClassVar[bool] = False
+    # False when the adapter cannot share its layer with another active adapter: its forward reads
+    # the layer's weight directly instead of calling ``base``, or it redefines the base (KaSA).
+    stackable: ClassVar[bool] = True
 
     def forward(self, layer: nn.Module, x: torch.Tensor, base: Callable[[torch.Tensor], torch.Tensor]):
         raise NotImplementedError

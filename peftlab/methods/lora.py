@@ -103,7 +103,7 @@ def _principal_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torc
 
 
 class DoRAAdapter(LoRAAdapter):
-    reads_base_weight: ClassVar[bool] = True
+    stackable: ClassVar[bool] = False  # reads the base weight for its norm
 
     def __init__(self, config: DoRA, site: Site):
         super().__init__(config, site)
