@@ -35,6 +35,7 @@ from .core.errors import (  # noqa: E402
 )
 from .core.files import load, save  # noqa: E402
 from .core.registry import method_class, method_names  # noqa: E402
+from .core.tasks import current_task_ids, task_ids  # noqa: E402
 
 
 def export(model, directory, *, format: str = "peft", name: str = "default"):
@@ -63,6 +64,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MergeError", "PeftlabError", "TargetError", "UnknownMethodError",
-    "active", "adapt", "adapter_parameters", "adapters", "delete", "disabled", "export", "load", "merge",
-    "methods", "regularization", "save", "trainable_parameter_count", "use",
+    "active", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled", "export", "load",
+    "merge", "methods", "regularization", "save", "task_ids", "trainable_parameter_count", "use",
 ]

@@ -251,3 +251,35 @@ def test_merge_errors():
         peftlab.merge(model)
     with pytest.raises(peftlab.ConfigError, match="no peftlab adapters"):
         peftlab.merge(tiny_llama())
+
+
+def test_a_stack_saves_and_loads_together(tmp_path):
+    model, inputs = tiny_llama(), make_inputs("llama")
+    peftlab.adapt(model, "prompt", num_virtual_tokens=2, name="soft")
+    peftlab.adapt(model, "lora", r=2, name="low", init="gaussian")
+    peftlab.use(model, ["soft", "low"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        stacked = output_of(model, inputs)
+    peftlab.save(model, tmp_path / "stack", name=["soft", "low"])
+    fresh = peftlab.load(tiny_llama(), tmp_path / "stack")
+    assert peftlab.active(fresh) == ["soft", "low"]
+    with torch.no_grad():
+        assert torch.allclose(output_of(fresh, inputs), stacked, atol=1e-5)
+    (tmp_path / "stack" / "low" / WEIGHTS_FILE).write_bytes(b"broken")
+    other = tiny_llama()
+    with pytest.raises(peftlab.AdapterFileError):
+        peftlab.load(other, tmp_path / "stack")
+    assert not peftlab.adapters(other)
+
+
+def test_task_ids_are_visible_inside_the_block_only():
+    assert peftlab.current_task_ids() is None
+    with peftlab.task_ids([0, 2]) as ids:
+        assert torch.equal(peftlab.current_task_ids(), ids)
+    assert peftlab.current_task_ids() is None
+    with pytest.raises(ValueError):
+        with peftlab.task_ids(torch.zeros(2, 2, dtype=torch.long)):
+            pass

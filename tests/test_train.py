@@ -209,3 +209,13 @@ def test_method_hooks_are_called_in_order(tmp_path, monkeypatch):
                         lambda self, adapters, step: calls.append(("update", step.step)), raising=False)
     run(args_for(tmp_path, max_steps=2, save_every=0))
     assert calls == [("step", 0), ("update", 0), ("step", 1), ("update", 1)]
+
+
+def test_stacked_methods_train_together_and_reload_as_a_stack(tmp_path):
+    options = {"prompt": {"num_virtual_tokens": 2}, "lora": {"r": 2}}
+    run(args_for(tmp_path, method="prompt+lora", method_options=options, max_steps=3))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoints", "lora", "prompt"]
+    model = peftlab.load(tiny_llama(), out)
+    assert peftlab.active(model) == ["prompt", "lora"]
+    assert {c.name for c in peftlab.adapters(model).values()} == {"prompt", "lora"}

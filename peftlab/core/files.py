@@ -33,6 +33,7 @@ from .targets import model_type
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+STACK_FILE = "adapter_stack.json"
 FORMAT_VERSION = 1
 
 
@@ -74,10 +75,20 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, name: str = "default") -> Path:
-    """Write adapter ``name`` to ``directory`` (created if needed); returns the directory."""
-    attachment = _attachment(model, name)
+def save(model: nn.Module, directory: str | os.PathLike, *, name: str | list[str] = "default") -> Path:
+    """Write adapter ``name`` to ``directory`` (created if needed); returns the directory.
+
+    A list of names saves a stack: one sub-directory per adapter and ``adapter_stack.json`` with the
+    order in which they run; ``load`` restores all of them, active in that order.
+    """
     directory = Path(directory)
+    if not isinstance(name, str):
+        names = list(name)
+        for adapter_name in names:
+            save(model, directory / adapter_name, name=adapter_name)
+        write_json(directory / STACK_FILE, {"format": "peftlab-stack", "adapters": names})
+        return directory
+    attachment = _attachment(model, name)
     config = {
         "format": "peftlab",
         "format_version": FORMAT_VERSION,
@@ -162,8 +173,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, name: str = "default") -> nn.Module:
-    """Attach the adapter saved in ``directory`` (peftlab's or an HF PEFT LoRA/DoRA) as ``name``."""
+    """Attach the adapter saved in ``directory`` (peftlab's or an HF PEFT LoRA/DoRA) as ``name``.
+
+    A saved stack is restored whole under its saved names, active in its saved order.
+    """
     directory = Path(directory)
+    if (directory / STACK_FILE).is_file():
+        return _load_stack(model, directory)
     config = read_config(directory)
     if "peft_type" in config:
         from .peft_format import load_peft
@@ -181,6 +197,23 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str = "default
     check_base(model, base, paths, method_config)
     attach_saved(model, method_config, paths, tensors, name=name, source=str(directory))
     return model
+
+
+def _load_stack(model: nn.Module, directory: Path) -> nn.Module:
+    try:
+        names = json.loads((directory / STACK_FILE).read_text())["adapters"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AdapterFileError(f"{directory / STACK_FILE} is corrupt ({exc})") from None
+    loaded = []
+    try:
+        for adapter_name in names:
+            load(model, directory / adapter_name, name=adapter_name)
+            loaded.append(adapter_name)
+    except BaseException:
+        for adapter_name in loaded:
+            api.delete(model, adapter_name)
+        raise
+    return api.use(model, names)
 
 
 def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], config) -> None:

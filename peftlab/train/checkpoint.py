@@ -36,11 +36,12 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write(root: Path, step: int, model, trainer_state: dict[str, Any], keep: int) -> Path:
+def write(root: Path, step: int, model, trainer_state: dict[str, Any], keep: int,
+          names: str | list[str] = "default") -> Path:
     final = root / f"step-{step:08d}"
     staging = root / f".step-{step:08d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    save(model, staging)
+    save(model, staging, name=names)
     torch.save(trainer_state, staging / STATE_FILE)
     with open(staging / STATE_FILE, "rb") as f:
         os.fsync(f.fileno())

@@ -72,6 +72,7 @@ class Sequence:
     input_ids: list[int]
     labels: list[int]
     index: int  # the record it came from
+    task: str | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -99,7 +100,7 @@ def tokenize(examples: list[Example], tokenizer, *, cutoff_len: int, train_on_in
             ids, labels = ids[:cutoff_len], labels[:cutoff_len]
         if all(label == IGNORE for label in labels):
             raise DataError(f"record {example.index} has an empty response: nothing to learn from")
-        sequences.append(Sequence(ids, labels, example.index))
+        sequences.append(Sequence(ids, labels, example.index, example.task))
     if not sequences:
         raise DataError(f"no record fits cutoff_len={cutoff_len}")
     return sequences
@@ -132,8 +133,8 @@ def epoch_batches(lengths: list[int], micro_batch_size: int, *, seed: int, epoch
     return batches
 
 
-def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels."""
+def collate(sequences: list[Sequence], pad_id: int, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (and task_ids when ``tasks`` names them)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
@@ -142,7 +143,10 @@ def collate(sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :len(s)] = torch.tensor(s.input_ids)
         labels[row, :len(s)] = torch.tensor(s.labels)
         mask[row, :len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if tasks:
+        batch["task_ids"] = torch.tensor([tasks.index(s.task) for s in sequences])
+    return batch
 
 
 def pack(sequences: list[Sequence], cutoff_len: int) -> list[list[Sequence]]:

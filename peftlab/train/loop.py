@@ -16,7 +16,7 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from peftlab.core import api
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_json
 from peftlab.core.method import LayerMethod, TrainingStep
+from peftlab.core.tasks import task_ids
 
 from . import checkpoint
 from .data import Sequence, collate, collate_packed, epoch_batches, load_examples, pack, split_validation, tokenize
@@ -161,6 +162,12 @@ class Trainer:
         sequences = tokenize(examples, self.tokenizer, cutoff_len=args.cutoff_len,
                              train_on_inputs=args.train_on_inputs, overlong=args.overlong)
         self.train_set, self.val_set = split_validation(sequences, args.val_size, args.seed)
+        self.tasks = sorted({s.task for s in sequences if s.task is not None})
+        if self.tasks and any(s.task is None for s in sequences):
+            missing = next(s.index for s in sequences if s.task is None)
+            raise TrainingError(f"some records have a task and others not (record {missing} has none)")
+        if self.tasks and args.packing:
+            raise TrainingError("packing mixes records of different tasks in one row; turn packing off")
         self.micro_per_step = args.batch_size // args.micro_batch_size
         self.pad_id = self.tokenizer.pad_token_id
         units = pack(self.train_set, args.cutoff_len) if args.packing else [[s] for s in self.train_set]
@@ -174,7 +181,7 @@ class Trainer:
             mask_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             batch = collate_packed(units, self.pad_id, mask_dtype)
         else:
-            batch = collate([u[0] for u in units], self.pad_id)
+            batch = collate([u[0] for u in units], self.pad_id, self.tasks)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, epoch: int, cursor: int):
@@ -191,7 +198,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ adapters
 
     def _attach(self) -> Path | None:
-        """Attach a fresh adapter, or the latest checkpoint's when resuming; returns that checkpoint."""
+        """Attach fresh adapters, or the latest checkpoint's when resuming; returns that checkpoint.
+
+        ``method`` may stack several methods, ``"prompt+lora"``: each is attached under its own name
+        with ``method_options[<method>]`` and all train together.
+        """
         args = self.args
         resume_from = checkpoint.latest(self.checkpoints) if args.resume else None
         if args.resume and resume_from is None:
@@ -199,15 +210,33 @@ class Trainer:
         if resume_from is not None:
             peftlab.load(self.model, resume_from)
             return resume_from
-        method_class = peftlab.method_class(args.method)
-        calibration = None
-        if issubclass(method_class, LayerMethod) and method_class.needs_calibration:
-            stream = self._micro_batches(0, 0)
-            calibration = [{k: v for k, v in next(stream)[2].items() if k != "labels"}
-                           for _ in range(min(args.calibration_batches, self.micro_per_epoch))]
-        torch.manual_seed(args.seed)
-        peftlab.adapt(self.model, args.method, calibration=calibration, **args.method_options)
+        methods = self.adapter_names
+        for method in methods:
+            options = dict(args.method_options.get(method, {}) if len(methods) > 1 else args.method_options)
+            if self.tasks and "tasks" in {f.name for f in peftlab.method_class(method).option_fields()}:
+                options.setdefault("tasks", tuple(self.tasks))
+            torch.manual_seed(args.seed)
+            peftlab.adapt(self.model, method, name=method if len(methods) > 1 else "default",
+                          calibration=self._calibration(method), **options)
+        peftlab.use(self.model, self.saved_names)
         return None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.args.method.split("+")
+
+    @property
+    def saved_names(self) -> str | list[str]:
+        """What ``peftlab.save`` gets: one adapter name, or the stack's names in order."""
+        return self.adapter_names if len(self.adapter_names) > 1 else "default"
+
+    def _calibration(self, method: str) -> list[dict[str, torch.Tensor]] | None:
+        method_class = peftlab.method_class(method)
+        if not (issubclass(method_class, LayerMethod) and method_class.needs_calibration):
+            return None
+        stream = self._micro_batches(0, 0)
+        return [{k: v for k, v in next(stream)[2].items() if k not in ("labels", "task_ids")}
+                for _ in range(min(self.args.calibration_batches, self.micro_per_epoch))]
 
     # ---------------------------------------------------------------------------------------- loop
 
@@ -250,7 +279,9 @@ class Trainer:
                     step_tokens += count
                 if not verified:
                     verified = True
-                    if not loss_fn.verify(batches[0]):
+                    with self._context(batches[0]) as inputs:
+                        fused = loss_fn.verify(inputs)
+                    if not fused:
                         metrics.note("fused loss path unavailable for this model; using the full forward")
                 last_loss = self._step(batches, loss_fn, step)
                 grad_norm = self._clip(params, step)
@@ -275,7 +306,7 @@ class Trainer:
         if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
             val_loss = self.validate(loss_fn)
             metrics.log(step=step, val_loss=val_loss)
-        peftlab.save(self.model, self.output)
+        peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()
         metrics.plot(self.output / "loss.png")
         return TrainResult(self.output, step, tokens, time.perf_counter() - started, last_loss, val_loss)
@@ -284,8 +315,8 @@ class Trainer:
         total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         step_loss = 0.0
         for batch in batches:
-            with self.autocast:
-                loss_sum, _ = loss_fn(batch)
+            with self._context(batch) as inputs:
+                loss_sum, _ = loss_fn(inputs)
                 loss = loss_sum / total_tokens
                 regularization = api.regularization(self.model)
                 if regularization is not None:
@@ -295,6 +326,14 @@ class Trainer:
             loss.backward()
             step_loss += loss_sum.item() / total_tokens
         return step_loss
+
+    @contextmanager
+    def _context(self, batch: dict[str, torch.Tensor]):
+        """Autocast, and the batch's task ids made visible to task-aware adapters; yields the model inputs."""
+        inputs = {k: v for k, v in batch.items() if k != "task_ids"}
+        tasks = batch.get("task_ids")
+        with self.autocast, (task_ids(tasks) if tasks is not None else nullcontext()):
+            yield inputs
 
     def _clip(self, params, step: int) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0
@@ -313,7 +352,8 @@ class Trainer:
         state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens": tokens,
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": checkpoint.rng_state(), "args": dataclasses.asdict(self.args)}
-        return checkpoint.write(self.checkpoints, step, self.model, state, self.args.keep_checkpoints)
+        return checkpoint.write(self.checkpoints, step, self.model, state, self.args.keep_checkpoints,
+                                self.saved_names)
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         saved = state["args"]
@@ -329,8 +369,8 @@ class Trainer:
         total, count = 0.0, 0
         for start in range(0, len(self.val_set), self.args.micro_batch_size):
             batch = self._collate([[s] for s in self.val_set[start:start + self.args.micro_batch_size]])
-            with self.autocast:
-                loss_sum, n = loss_fn(batch)
+            with self._context(batch) as inputs:
+                loss_sum, n = loss_fn(inputs)
             total, count = total + loss_sum.item(), count + n
         self.model.train(was_training)
         return total / max(count, 1)

@@ -42,11 +42,19 @@ class Example:
     response: str
     answer: str | None  # the gold label for evaluation, when the record has one
     index: int  # position in the source file, for messages
+    task: str | None = None  # for multi-task adapters: the record's "task" field
 
 
 def to_example(record: Any, index: int, template: str = "alpaca", tokenizer=None) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"record {index} is a {type(record).__name__}, expected an object")
+    example = _example(record, index, template, tokenizer)
+    if record.get("task") is not None:
+        example.task = str(record["task"])
+    return example
+
+
+def _example(record: dict, index: int, template: str, tokenizer) -> Example:
     if "messages" in record:
         return _chat_example(record, index, tokenizer)
     if "prompt" in record and "completion" in record:
