@@ -16,6 +16,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,10 +139,15 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, args: TrainArgs, model=None, tokenizer=None, progress: bool = True):
+    """``extra_loss(model)``, when given, adds a term to every micro-batch's loss (EWC penalties and
+    other strategies that live outside the adapters)."""
+
+    def __init__(self, args: TrainArgs, model=None, tokenizer=None, progress: bool = True,
+                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None):
         args.validate()
         self.args = args
         self.progress = progress
+        self.extra_loss = extra_loss
         self.output = Path(args.output)
         self.checkpoints = self.output / "checkpoints"
         if model is None:
@@ -318,9 +324,9 @@ class Trainer:
             with self._context(batch) as inputs:
                 loss_sum, _ = loss_fn(inputs)
                 loss = loss_sum / total_tokens
-                regularization = api.regularization(self.model)
-                if regularization is not None:
-                    loss = loss + regularization / len(batches)
+                for term in (api.regularization(self.model), self.extra_loss and self.extra_loss(self.model)):
+                    if term is not None:
+                        loss = loss + term / len(batches)
             if not torch.isfinite(loss):
                 raise TrainingError(self._non_finite("loss", step))
             loss.backward()
@@ -434,5 +440,5 @@ class _Metrics:
         return True
 
 
-def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True) -> TrainResult:
-    return Trainer(args, model, tokenizer, progress).run()
+def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True, extra_loss=None) -> TrainResult:
+    return Trainer(args, model, tokenizer, progress, extra_loss).run()
