@@ -140,14 +140,18 @@ class _StopRequest:
 
 class Trainer:
     """``extra_loss(model)``, when given, adds a term to every micro-batch's loss (EWC penalties and
-    other strategies that live outside the adapters)."""
+    other strategies that live outside the adapters). ``attach(model)``, when given, replaces
+    attaching ``args.method``: the loop then trains whatever parameters require grad (another
+    library's adapters, for comparisons) and saves no adapter files unless peftlab adapters exist."""
 
     def __init__(self, args: TrainArgs, model=None, tokenizer=None, progress: bool = True,
-                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None):
+                 extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
+                 attach: Callable[[torch.nn.Module], None] | None = None):
         args.validate()
         self.args = args
         self.progress = progress
         self.extra_loss = extra_loss
+        self.custom_attach = attach
         self.output = Path(args.output)
         self.checkpoints = self.output / "checkpoints"
         if model is None:
@@ -216,6 +220,9 @@ class Trainer:
         if resume_from is not None:
             peftlab.load(self.model, resume_from)
             return resume_from
+        if self.custom_attach is not None:
+            self.custom_attach(self.model)
+            return None
         methods = self.adapter_names
         for method in methods:
             options = dict(args.method_options.get(method, {}) if len(methods) > 1 else args.method_options)
@@ -312,7 +319,8 @@ class Trainer:
         if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
             val_loss = self.validate(loss_fn)
             metrics.log(step=step, val_loss=val_loss)
-        peftlab.save(self.model, self.output, name=self.saved_names)
+        if peftlab.adapters(self.model):
+            peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()
         metrics.plot(self.output / "loss.png")
         return TrainResult(self.output, step, tokens, time.perf_counter() - started, last_loss, val_loss)
@@ -440,5 +448,6 @@ class _Metrics:
         return True
 
 
-def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True, extra_loss=None) -> TrainResult:
-    return Trainer(args, model, tokenizer, progress, extra_loss).run()
+def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True, extra_loss=None,
+          attach=None) -> TrainResult:
+    return Trainer(args, model, tokenizer, progress, extra_loss, attach).run()
