@@ -1,9 +1,10 @@
 """Next-token loss computed only where it counts.
 
 The transformer body runs once; the output head and cross-entropy run only on supervised positions
-(labels != -100), in chunks that are recomputed in backward, so full-vocabulary fp32 logits for the
-whole batch never exist. For Gemma 3 (262k vocabulary) and response-only training this is most of
-the memory and a large share of the time the usual ``model(**batch).loss`` spends.
+(labels != -100), fused and chunked (peftlab.kernels.cross_entropy), so full-vocabulary fp32 logits
+for the whole batch never exist. For Gemma 3 (262k vocabulary) and response-only training this is
+most of the memory and a large share of the time the usual ``model(**batch).loss`` spends. The fused
+path needs a frozen head; a trainable one falls back to the model's own forward.
 
 Models that post-process logits in ways this module does not know are detected by ``verify`` (one
 comparison with the model's own forward on the first batch); the trainer then falls back to the
@@ -15,15 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from peftlab.core.hf import backbone_path
+from peftlab.kernels.cross_entropy import fused_linear_cross_entropy
 
 from .data import IGNORE
 
 
 class SupervisedLoss:
-    def __init__(self, model: nn.Module, chunk_tokens: int = 2048):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -32,7 +33,7 @@ class SupervisedLoss:
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_divisor = getattr(config, "logits_scaling", None)  # granite
-        self.fused = self.body is not None
+        self.fused = self.body is not None and getattr(self.head, "bias", None) is None
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of supervised tokens) for one micro-batch."""
@@ -41,28 +42,13 @@ class SupervisedLoss:
         targets = labels[:, 1:]
         selected = targets != IGNORE
         count = int(selected.sum())
-        if not self.fused:
+        if not self.fused or self.head.weight.requires_grad:
             logits = self.model(**inputs, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum"), count
         hidden = self.body(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        hidden, targets = hidden[selected], targets[selected]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], self.chunk_tokens):
-            chunk = hidden[start:start + self.chunk_tokens]
-            wanted = targets[start:start + self.chunk_tokens]
-            if torch.is_grad_enabled() and chunk.requires_grad:
-                total = total + checkpoint(self._chunk_loss, chunk, wanted, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(chunk, wanted)
+        total = fused_linear_cross_entropy(hidden[selected], self.head.weight, targets[selected],
+                                           chunk=self.chunk_tokens, divisor=self.logit_divisor, softcap=self.softcap)
         return total, count
-
-    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden).float()
-        if self.logit_divisor:
-            logits = logits / self.logit_divisor
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, targets, reduction="sum")
 
     @torch.no_grad()
     def verify(self, batch: dict[str, torch.Tensor]) -> bool:

@@ -1,0 +1,1 @@
+"""Fast paths, each with a plain-PyTorch definition the tests compare it to."""

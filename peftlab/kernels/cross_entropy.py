@@ -1,0 +1,66 @@
+"""Fused output-head + cross-entropy for a frozen head: loss and d(loss)/d(hidden) in one pass.
+
+    hidden (N x d) ──► chunk ──► logits = hidden·Wᵀ (chunk x V) ──► softmax, loss ──► dlogits·W
+                                                         └── freed before the next chunk
+
+The forward walks the supervised tokens in chunks; for each it computes the logits, the summed
+cross-entropy and already the gradient with respect to the hidden states (softmax − one-hot)·W,
+then drops the logits. Backward only scales the stored gradient. Peak memory is one chunk of
+logits instead of N x V, and the head matmul runs twice (forward, input gradient) rather than three
+times as with recomputation. The head weight gets no gradient: PEFT methods keep it frozen.
+
+Optional logit post-processing as in some model families: division by a constant (Granite) and
+tanh soft-capping (Gemma 2/3), both differentiated exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, divisor, softcap):
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            y = targets[start:start + chunk]
+            logits = h @ weight.T
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            if divisor:
+                logits = logits / divisor
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None:
+                continue
+            grad = torch.softmax(logits, dim=-1)
+            grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            if softcap:
+                grad *= 1.0 - capped.pow(2)
+            if divisor:
+                grad /= divisor
+            grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        scaled = None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype)
+        return scaled, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                               chunk: int = 4096, divisor: float | None = None,
+                               softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` (weight frozen)."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError("hidden must be (tokens, width) and targets (tokens,)")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return _FusedLinearCrossEntropy.apply(hidden, weight.detach(), targets, chunk, divisor, softcap)
