@@ -21,6 +21,8 @@ ARCHITECTURES = {
                          tie_word_embeddings=True),
     "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+    "tiny-llama": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),  # for tests
     "gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=640, intermediate_size=2048,
                          num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256),
 }
