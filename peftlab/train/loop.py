@@ -68,6 +68,7 @@ class TrainArgs:
     group_by_length: bool = True
     packing: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the transformer body (GPU; fixed shapes help: see packing)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
     keep_checkpoints: int = 2
@@ -272,7 +273,7 @@ class Trainer:
             step, epoch, cursor, tokens = state["step"], state["epoch"], state["cursor"], state["tokens"]
         write_json(self.output / "train_config.json", dataclasses.asdict(args))
         metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
-        loss_fn = SupervisedLoss(self.model)
+        loss_fn = SupervisedLoss(self.model, compile_body=args.compile)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False

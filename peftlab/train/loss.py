@@ -24,12 +24,16 @@ from .data import IGNORE
 
 
 class SupervisedLoss:
-    def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile_body: bool = False):
+        """``compile_body``: run the transformer body through torch.compile (fuses the norms, rotary
+        embeddings and activations that eager mode runs as many small kernels)."""
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         path = backbone_path(model)
         self.body = model.get_submodule(path) if path and self.head is not None else None
+        if compile_body and self.body is not None:
+            self.body = torch.compile(self.body)
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_divisor = getattr(config, "logits_scaling", None)  # granite
