@@ -66,15 +66,15 @@ class LoRAAdapter(LayerAdapter):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s·B A dropout(x) (minus the frozen principal part for PiSSA)."""
-        delta = linear(linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
-        if self.principal:
-            delta = delta - linear(linear(x, self.base_A), self.base_B) * self.scale
-        return delta
-
     def forward(self, layer, x, base):
-        return base(x) + self.update(x)
+        """base(x) + s·B A dropout(x): the scale rides on B's cast and the sum on the B-GEMM (addmm),
+        so no extra pass over the output is made in forward or backward."""
+        out = base(x)
+        flat = out.reshape(-1, out.shape[-1])
+        flat = _add_low_rank(flat, self.dropout(x), self.lora_A, self.lora_B, self.scale)
+        if self.principal:
+            flat = _add_low_rank(flat, x, self.base_A, self.base_B, -self.scale)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         delta = self.lora_B.float() @ self.lora_A.float()
@@ -93,6 +93,12 @@ class LoRAAdapter(LayerAdapter):
     @staticmethod
     def from_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"lora_A": tensors["lora_A.weight"], "lora_B": tensors["lora_B.weight"]}
+
+
+def _add_low_rank(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + scale·(x Aᵀ) Bᵀ for 2-D ``out``, in the activations' dtype."""
+    xa = linear(x.reshape(-1, x.shape[-1]), a)
+    return torch.addmm(out, xa, (b * scale).to(xa.dtype).T)
 
 
 def _principal_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
