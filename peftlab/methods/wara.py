@@ -1,0 +1,151 @@
+"""wara: WaRA, Wavelet Low-Rank Adaptation (Heidari et al. 2025, arXiv 2506.24092, v1).
+
+WaRA performs the low-rank factorisation in a wavelet domain and reconstructs the update with the
+inverse transform. The paper's one explicit formula (v1, Fig. 1): the input X (d1 x k) is decomposed by
+a 2-D DWT into the subbands {C_LL, C_LH, C_HL, C_HH}, each is mapped by one shared low-rank pair
+A_w ∈ R^{r x d1/2}, B_w ∈ R^{d2/2 x r}, and X̂ = W⁻¹(B_w A_w C) (d2 x k) is reconstructed by the
+inverse DWT. The transform along the token axis is orthogonal and cancels (IDWT_t ∘ DWT_t = I, the
+map acts on the feature axis only), so this is exactly a weight update — no token mixing::
+
+    ΔW = s · Σ_{a ∈ {lo, hi}} G_aᵀ (B A) F_a         s = alpha / r
+         F_lo, F_hi: ⌈in/2⌉ x in  one-level orthonormal DWT of the input features (analysis halves)
+         G_lo, G_hi: ⌈out/2⌉ x out the same on the output side, applied transposed (synthesis)
+
+    x ──► DWT (filter bank) ──► [x_lo; x_hi] ──► A (r x in/2) ──► B (out/2 x r) ──► IDWT ──► · s ──► (+) ──► y
+
+Both subbands go through the same A and B (one batched pair of thin matmuls); the transforms are the
+fast filter-bank DWT (periodic extension, so F = [F_lo; F_hi] is orthogonal), O(in + out) per token.
+With the Haar wavelet the pair reduces to (B A) ⊗ I₂ in the interleaved (even, odd) feature layout
+— an identity worth knowing: the Haar transform only re-indexes; ``wavelet="db2"`` gives a genuine
+multi-resolution mixing. Odd sizes are zero-padded by one (input) / cropped (output).
+
+Trainable parameters per adapted layer: r·(⌈in/2⌉ + ⌈out/2⌉), half of LoRA at the same r.
+Llama-2-7B, r = 8, all seven projections, 32 layers: 9,994,240 (q k v o only: 4,194,304).
+
+Official code: github.com/moeinheidari7829/WaRA — not retrievable here (no snapshot, nothing in the code
+index). Everything below that is not the paper's formula is peftlab's choice [peftlab]:
+
+* [peftlab] one DWT level (the paper's shapes d/2 imply one level), Haar by default (db2 offered),
+  periodic extension, zero-pad/crop for odd sizes;
+* [peftlab] init as LoRA (A Kaiming-uniform a = √5, B = 0: identity at init), s = alpha / r with
+  peftlab's LoRA defaults r = 8, alpha = 16, dropout 0.05 (no defaults are stated for language models);
+* the later v2 of the paper (2026) describes a ViT-specific variant (patch grid DWT, Tiny-WaRA); not
+  implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import ConfigError
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.registry import register
+
+WAVELETS = ("haar", "db2")
+
+
+def wavelet_filters(name: str) -> tuple[list[float], list[float]]:
+    """(lowpass h, highpass g) analysis filters of an orthonormal Daubechies wavelet, g_k = (−1)^k h_{L−1−k}."""
+    if name == "haar":
+        low = [1 / math.sqrt(2), 1 / math.sqrt(2)]
+    elif name == "db2":
+        r3 = math.sqrt(3)
+        low = [(1 + r3) / (4 * math.sqrt(2)), (3 + r3) / (4 * math.sqrt(2)),
+               (3 - r3) / (4 * math.sqrt(2)), (1 - r3) / (4 * math.sqrt(2))]
+    else:
+        raise ValueError(f"unknown wavelet {name!r}")
+    high = [(-1) ** k * low[len(low) - 1 - k] for k in range(len(low))]
+    return low, high
+
+
+def dwt(x: torch.Tensor, low: list[float], high: list[float]) -> torch.Tensor:
+    """One-level periodic DWT over the last dim (even length n): (..., 2, n/2), [lowpass, highpass]."""
+    lo = sum(c * torch.roll(x, -k, dims=-1)[..., ::2] for k, c in enumerate(low))
+    hi = sum(c * torch.roll(x, -k, dims=-1)[..., ::2] for k, c in enumerate(high))
+    return torch.stack((lo, hi), dim=-2)
+
+
+def idwt(bands: torch.Tensor, low: list[float], high: list[float]) -> torch.Tensor:
+    """Inverse of ``dwt`` (its transpose): (..., 2, n/2) -> (..., n)."""
+    lo, hi = bands[..., 0, :], bands[..., 1, :]
+    n = 2 * lo.shape[-1]
+    out = None
+    for k, (cl, ch) in enumerate(zip(low, high)):
+        spread = torch.zeros(*lo.shape[:-1], n, dtype=lo.dtype, device=lo.device)
+        spread[..., ::2] = cl * lo + ch * hi
+        spread = torch.roll(spread, k, dims=-1)
+        out = spread if out is None else out + spread
+    return out
+
+
+def dwt_matrix(n: int, wavelet: str, dtype=torch.float64) -> torch.Tensor:
+    """The (n x n) analysis matrix [F_lo; F_hi] of ``dwt`` (n even): for references and tests."""
+    low, high = wavelet_filters(wavelet)
+    return dwt(torch.eye(n, dtype=dtype), low, high).reshape(n, n).T  # row a·n/2 + i = F_a[i]
+
+
+class WaRAAdapter(LayerAdapter):
+    def __init__(self, config: WaRA, site: Site):
+        super().__init__()
+        fan_in, fan_out = site.features
+        self.fan_in, self.fan_out = fan_in, fan_out
+        self.half_in, self.half_out = (fan_in + 1) // 2, (fan_out + 1) // 2
+        self.low, self.high = wavelet_filters(config.wavelet)
+        self.scale = config.alpha / config.r
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.zeros(config.r, self.half_in, device=site.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.half_out, config.r, device=site.device))
+        if site.restoring:
+            return
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fan_in % 2:
+            x = nn.functional.pad(x, (0, 1))
+        bands = dwt(x, self.low, self.high)  # (..., 2, in/2)
+        mapped = nn.functional.linear(nn.functional.linear(bands, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return idwt(mapped, self.low, self.high)[..., : self.fan_out] * self.scale
+
+    def forward(self, layer, x, base):
+        return base(x) + self.update(self.dropout(x))
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        eye = torch.eye(self.fan_in, device=self.lora_A.device)
+        return self.update(eye).T.float()  # column j = ΔW e_j
+
+
+@register
+@dataclass
+class WaRA(LayerMethod):
+    name: ClassVar[str] = "wara"
+    family: ClassVar[str] = "transform-domain"
+    paper: ClassVar[str] = "WaRA: Wavelet Low Rank Adaptation, arXiv 2506.24092"
+    formula: ClassVar[str] = "r·(⌈in/2⌉ + ⌈out/2⌉)"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+
+    r: int = config_field(8, "rank of the shared subband map B A")
+    alpha: float = config_field(16.0, "s = alpha / r")
+    dropout: float = config_field(0.05, "dropout on the adapter's input")
+    wavelet: str = config_field("haar", "haar | db2: one-level orthonormal DWT, periodic extension")
+
+    def validate(self) -> None:
+        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.wavelet in WAVELETS, self.name, f"wavelet must be one of {WAVELETS}, got {self.wavelet!r}")
+
+    def build(self, site: Site) -> LayerAdapter:
+        taps = len(wavelet_filters(self.wavelet)[0])
+        if min(site.features) < taps:
+            raise ConfigError(f"{self.name}: {self.wavelet} needs layers of at least {taps} features, {site.path} "
+                              f"has {site.features}")
+        return WaRAAdapter(self, site)
+
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
+        return self.r * ((in_features + 1) // 2 + (out_features + 1) // 2)
