@@ -18,33 +18,54 @@ from __future__ import annotations
 import torch
 
 
+def _chunk_loss_and_grad(logits, targets, divisor, softcap, need_grad: bool):
+    """Summed cross-entropy of one chunk of logits and, if asked, d(loss)/d(logits) in the head's dtype."""
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if divisor:
+        z = z / divisor
+    if softcap:
+        capped = torch.tanh(z / softcap)
+        z = capped * softcap
+    log_z = torch.logsumexp(z, dim=-1)
+    total = (log_z - z.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not need_grad:
+        return total, None
+    grad = torch.exp(z - log_z[:, None])
+    grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+    if softcap:
+        grad = grad * (1.0 - capped.pow(2))
+    if divisor:
+        grad = grad / divisor
+    return total, grad.to(logits.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_function(device: torch.device):
+    """On CUDA the chunk's softmax arithmetic is compiled into one or two kernels that read the bf16
+    logits instead of materialising fp32 copies (about 4x less memory traffic); eager elsewhere."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
+    return _compiled_chunk
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, divisor, softcap):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        need_grad = hidden.requires_grad
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        loss_and_grad = _chunk_function(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            y = targets[start:start + chunk]
-            logits = h @ weight.T
-            if logits.dtype in (torch.float16, torch.bfloat16):
-                logits = logits.float()
-            if divisor:
-                logits = logits / divisor
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if grad_hidden is None:
-                continue
-            grad = torch.softmax(logits, dim=-1)
-            grad[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-            if softcap:
-                grad *= 1.0 - capped.pow(2)
-            if divisor:
-                grad /= divisor
-            grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            logits = hidden[start:start + chunk] @ weight.T
+            part, grad = loss_and_grad(logits, targets[start:start + chunk], divisor, softcap, need_grad)
+            total += part
+            if need_grad:
+                grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 

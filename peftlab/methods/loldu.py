@@ -125,8 +125,10 @@ class LoLDUAdapter(LayerAdapter):
         tokens = x.numel() // fan_in
         if tokens * r * (fan_in + fan_out) > r * fan_in * fan_out + tokens * fan_in * fan_out:
             return out + linear(x, self.delta_weight(layer))  # wide batch, full rank: one dense ΔW
-        h = linear(x, self.upper) * self.factor_delta().to(x.dtype)
-        return out + linear(h, self.lower)[..., self.perm]
+        # Permuting L's rows (out x r) instead of the output keeps backward free of a scatter over tokens.
+        h = linear(x, self.upper).reshape(-1, r) * self.factor_delta().to(x.dtype)
+        flat = torch.addmm(out.reshape(-1, fan_out), h, self.lower[self.perm].to(h.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         """s·P L_r diag(z - D_r) U_r as (out, in) fp32."""

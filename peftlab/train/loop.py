@@ -68,7 +68,7 @@ class TrainArgs:
     group_by_length: bool = True
     packing: bool = False
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the transformer body (GPU; fixed shapes help: see packing)
+    compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
     keep_checkpoints: int = 2
