@@ -219,3 +219,13 @@ def test_stacked_methods_train_together_and_reload_as_a_stack(tmp_path):
     model = peftlab.load(tiny_llama(), out)
     assert peftlab.active(model) == ["prompt", "lora"]
     assert {c.name for c in peftlab.adapters(model).values()} == {"prompt", "lora"}
+
+
+def test_compiling_marks_each_decoder_block_and_release_restores_eager():
+    model = tiny_llama()
+    loss_fn = SupervisedLoss(model, compile_body=True)
+    blocks = list(model.model.layers)
+    assert loss_fn.compiled == blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert model.model._compiled_call_impl is None  # the body itself stays eager: blocks are the unit
+    loss_fn.release()
+    assert all(b._compiled_call_impl is None for b in blocks) and loss_fn.compiled == []

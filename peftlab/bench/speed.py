@@ -139,7 +139,10 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     try:
         return time_steps(step, [p for p in model.parameters() if p.requires_grad], warmup, steps)
     finally:
+        loss_fn.release()  # PEFT's run on this model must not inherit compiled blocks
         peftlab.delete(model, "default")
+        if compiled:  # every method recompiles the blocks: keep dynamo's per-code cache limit out of the way
+            torch._dynamo.reset()
 
 
 def peft_run(model, method: str, batch: dict, warmup: int, steps: int):

@@ -320,6 +320,7 @@ class Trainer:
         if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
             val_loss = self.validate(loss_fn)
             metrics.log(step=step, val_loss=val_loss)
+        loss_fn.release()
         if peftlab.adapters(self.model):
             peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()
