@@ -130,13 +130,17 @@ class DoRAAdapter(LoRAAdapter):
         out = base(x)
         gain = (self.magnitude / self.row_norm(layer).detach()).to(out.dtype)
         h = self.dropout(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.training and isinstance(self.dropout, nn.Dropout):  # the paper's form: W0 sees the dropped input
             base_wx = linear(h, weight_matrix(layer))
-        else:  # W0 x is the base output minus its bias
-            bias = layer.bias
-            base_wx = out if bias is None else out - bias.to(out.dtype)
-        lora = linear(linear(h, self.lora_A), self.lora_B) * self.scale
-        return out + (gain - 1) * base_wx + gain * lora
+            lora = linear(linear(h, self.lora_A), self.lora_B) * self.scale
+            return out + (gain - 1) * base_wx + gain * lora
+        # Without dropout W0 x is the base output minus its bias, and the whole update is one addmm
+        # and one scaling pass: gain·(W0 x + s·B A x) + b.
+        bias = layer.bias
+        wx = out if bias is None else out - bias.to(out.dtype)
+        flat = _add_low_rank(wx.reshape(-1, wx.shape[-1]), h, self.lora_A, self.lora_B, self.scale)
+        scaled = flat.view(out.shape) * gain
+        return scaled if bias is None else scaled + bias.to(out.dtype)
 
     def merged_matrix(self, layer) -> torch.Tensor:
         w = weight_matrix(layer).detach().float()
