@@ -35,27 +35,27 @@ def _one_problem(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.choice(["add", "sub", "mul", "div", "mul_add", "sub_add"])
     if kind == "add":
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
         return Problem(f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
                        f"{a} + {b} = {a + b}", a + b)
     if kind == "sub":
-        a = rng.randint(10, 90)
+        a = rng.randint(6, 30)
         b = rng.randint(1, a - 1)
         return Problem(f"{name} had {a} {item} and gave {b} away. How many {item} are left?", f"{a} - {b} = {a - b}",
                        a - b)
     if kind == "mul":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        a, b = rng.randint(2, 10), rng.randint(2, 10)
         return Problem(f"A box holds {a} {item}. How many {item} are in {b} boxes?", f"{a} * {b} = {a * b}", a * b)
     if kind == "div":
-        a, b = rng.randint(2, 12), rng.randint(2, 9)
+        a, b = rng.randint(2, 10), rng.randint(2, 5)
         return Problem(f"{name} shares {a * b} {item} equally among {b} friends. How many {item} does each "
                        f"friend get?", f"{a * b} / {b} = {a}", a)
     if kind == "mul_add":
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+        a, b, c = rng.randint(2, 6), rng.randint(2, 6), rng.randint(1, 10)
         return Problem(f"{name} buys {a} bags with {b} {item} in each bag and finds {c} more. How many {item} "
                        f"does {name} have?", f"{a} * {b} = {a * b}, {a * b} + {c} = {a * b + c}", a * b + c)
-    a = rng.randint(20, 60)
-    b, c = rng.randint(1, a - 1), rng.randint(1, 30)
+    a = rng.randint(10, 30)
+    b, c = rng.randint(1, a - 1), rng.randint(1, 10)
     return Problem(f"{name} has {a} {item}, gives away {b}, then buys {c} more. How many {item} does {name} have?",
                    f"{a} - {b} = {a - b}, {a - b} + {c} = {a - b + c}", a - b + c)
 
@@ -85,8 +85,10 @@ def accuracy(model, tokenizer, problems: list[Problem], batch_size: int = 64) ->
     return 100.0 * correct / len(problems), lines
 
 
-DEMO = dict(method="lora", method_options={"r": 16, "alpha": 32.0, "dropout": 0.0}, lr=2e-3, batch_size=8,
-            micro_batch_size=8, warmup_steps=5, cutoff_len=96, steps=60, n_train=600, n_test=60)
+# lr 5e-4: at 2e-3 the format was learnt but the answers collapsed onto frequent numbers (8% correct);
+# numbers stay small because a 270M model's own arithmetic is what the adapter has to work with.
+DEMO = dict(method="lora", method_options={"r": 16, "alpha": 32.0, "dropout": 0.0}, lr=5e-4, batch_size=8,
+            micro_batch_size=8, warmup_steps=5, cutoff_len=96, steps=80, n_train=600, n_test=100)
 
 
 def run_demo(output: Path, steps: int | None = None, model_name: str = "gemma3-270m") -> dict:
