@@ -1,0 +1,301 @@
+"""mtlora: MTLoRA, a task-agnostic LoRA shared by all tasks plus one task-specific LoRA per task.
+
+Agiza, Neseem, Reda 2024 (CVPR), arXiv 2403.20320. Official code read: scale-lab/MTLoRA, commit
+333a3750568f2ac9b8313fa6ff5dd86f517be13f (``models/lora.py``: ``MTLoRALinear``; ``config.py``: the
+``MODEL.MTLORA`` defaults; ``configs/mtlora/tiny_448/*.yaml``: the released runs)::
+
+    x ──► W0 ─────────────────────────────────────────────┐
+    ├──► dropout ─► A_sh ─► B_sh ─► (· s_sh) ──────────────► (+)
+    └──► dropout ─► A_t ──► B_t ──► (· s_t)  ──────────────► (+) ──► y      t = the example's task
+
+    y_b = W0 x_b + b + s_sh · B_sh A_sh x_b + s_t · B_{t_b} A_{t_b} x_b       (one task id t_b per example)
+
+TA-LoRA (A_sh: r x in, B_sh: out x r) is shared by every task; TS-LoRA (A_t: task_r x in, B_t: out x
+task_r) belongs to task t. Every A starts Kaiming-uniform (a = √5), every B at zero, so the model is
+unchanged at init. Scales are plain multipliers, as in the code (not alpha / r).
+
+How the task reaches a layer: each example carries a task id through ``peftlab.task_ids`` (the trainer
+sets it from the records' ``task`` field), and each example of a batch is routed to its own TS-LoRA,
+so a batch may mix tasks. The task-specific update is computed for all examples at once: the T task
+factors are stacked into one rank-T·task_r pair and each example's rank block is kept by a 0/1
+coefficient (``routed_update``), i.e. two GEMMs whatever the mix.
+
+Defaults (``config.py``): r 8 for TA and TS (``R_PER_TASK`` defaults to ``R``), shared and task scale
+2.0, dropout 0.05; the released best runs use r 64 shared / 4 per task at scale 4
+(``mtlora_tiny_448_r64_scale4_pertask.yaml``). Targets: all seven projections (the code adapts qkv,
+proj, fc1 and fc2 of every Swin block). ``tasks`` (a count or the task names; the trainer fills in the
+sorted names of the data's ``task`` values) has no paper default; 2 keeps ``peftlab methods`` working.
+
+Trainable parameters per adapted layer: (r + T·task_r)·(in + out).
+
+[peftlab] choices, not in the paper: (1) the paper's MTL model branches into per-task feature streams
+at the end of each Swin stage (TS-LoRA outputs feed per-task decoders, the shared stream continues
+with TA-LoRA only: the code's ``shared_mode='matrix'``); a decoder LM has one stream, so every adapted
+layer adds TA + TS for the example's task, which is the code's ``shared_mode='matrixv2'`` task branch;
+(2) TS-LoRA sits in every adapted layer (the code's ``INTERMEDIATE_SPECIALIZATION=True``) instead of
+only in each stage's last block; (3) trainable scales (``TRAINABLE_SCALE_*``) are not offered.
+
+Task ids, shared by the multi-task methods (``omnilora``, ``polyhistor``, ``divcontrol`` import them
+from here): with no ``peftlab.task_ids`` block, ``default_task`` (an index or a name) applies to the
+whole batch; without either, a method computes its task-agnostic part only (here TA-LoRA), or raises
+ConfigError when it has none. Merging folds exactly what the forward computes for ONE task: select it
+with ``with peftlab.task_ids(k): peftlab.merge(model)`` or ``default_task``; a selection of several
+tasks, or none for an adapter with task-specific parts, raises MergeError.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peftlab.core.errors import ConfigError, MergeError
+from peftlab.core.layers import linear
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.registry import register
+from peftlab.core.tasks import current_task_ids
+
+# --------------------------------------------------------------------------------------------------
+# Task ids: shared by every multi-task method
+
+
+@dataclass
+class MultiTaskMethod(LayerMethod):
+    """Options every multi-task method has: the tasks, and the task used when a batch names none."""
+
+    tasks: tuple[str, ...] | int = config_field(2, "number of tasks, or their names (the trainer fills in the "
+                                                   "sorted names of the data's task field)")
+    default_task: int | str | None = config_field(None, "task (index or name) used when no peftlab.task_ids "
+                                                        "block is active; None: task-agnostic part only, or an error")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, list):
+            self.tasks = tuple(self.tasks)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        tasks = self.tasks
+        if isinstance(tasks, tuple):
+            check(len(tasks) > 0 and all(isinstance(t, str) and t for t in tasks), self.name,
+                  f"tasks must be a positive count or a list of non-empty names, got {tasks!r}")
+            check(len(set(tasks)) == len(tasks), self.name, f"task names repeat in {tasks!r}")
+        else:
+            check(isinstance(tasks, int) and not isinstance(tasks, bool) and tasks > 0, self.name,
+                  f"tasks must be a positive count or a list of names, got {tasks!r}")
+        self.default_task_index  # noqa: B018  raises ConfigError when it names no task
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.tasks if isinstance(self.tasks, tuple) else tuple(str(i) for i in range(self.tasks))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def default_task_index(self) -> int | None:
+        task = self.default_task
+        if task is None:
+            return None
+        if isinstance(task, str) and task in self.task_names:
+            return self.task_names.index(task)
+        if isinstance(task, int) and not isinstance(task, bool) and 0 <= task < self.num_tasks:
+            return task
+        raise ConfigError(f"{self.name}: default_task {task!r} names none of the {self.num_tasks} tasks "
+                          f"{list(self.task_names)}")
+
+
+# The last resolved id tensor: every adapted layer of one forward reads the same ``task_ids`` tensor, so
+# it is checked and moved to the device once, not once per layer (which would sync a GPU per layer).
+_RESOLVED: list = [None]
+
+
+@functools.cache
+def _default_ids(task: int) -> torch.Tensor:
+    """One tensor per default task, shared by all layers, so the resolved-ids cache serves them too."""
+    return torch.tensor(task)
+
+
+class TaskSelector:
+    """Which task each example of a batch belongs to, for one attachment's adapters."""
+
+    def __init__(self, config: MultiTaskMethod):
+        self.method = config.name
+        self.count = config.num_tasks
+        default = config.default_task_index
+        self.default = None if default is None else _default_ids(default)
+
+    def for_batch(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One task id per example of ``x`` (batch first) on x's device, or None when none is set."""
+        ids = current_task_ids()
+        if ids is None:
+            ids = self.default
+        if ids is None:
+            return None
+        batch = x.shape[0] if x.dim() > 1 else 1
+        key = (batch, x.device, self.count, ids._version)  # _version: an in-place edit is seen
+        cached = _RESOLVED[0]
+        if cached is not None and cached[0]() is ids and cached[1] == key:
+            return cached[2]
+        resolved = self._check(ids.detach().to("cpu"), batch).to(x.device)
+        _RESOLVED[0] = (weakref.ref(ids), key, resolved)
+        return resolved
+
+    def _check(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
+        if ids.numel() == 1:
+            ids = ids.reshape(1).expand(batch)
+        elif ids.dim() != 1 or ids.numel() != batch:
+            raise ConfigError(f"{self.method}: peftlab.task_ids gave {ids.numel()} task ids for a batch of {batch} "
+                              f"examples; give one id per example, or one int for the whole batch")
+        if bool(((ids < 0) | (ids >= self.count)).any()):
+            raise ConfigError(f"{self.method}: task ids must lie in [0, {self.count}), got {ids.unique().tolist()}")
+        return ids.long()
+
+    def merge_task(self) -> int | None:
+        """The single task a merge folds in (None: no task selected); several tasks raise MergeError."""
+        ids = current_task_ids()
+        if ids is None:
+            ids = self.default
+        if ids is None:
+            return None
+        unique = ids.detach().to("cpu").unique()
+        if unique.numel() != 1:
+            raise MergeError(f"{self.method}: a merge folds in one task; the task ids select {unique.tolist()}")
+        return int(self._check(unique, 1)[0])
+
+    def required_merge_task(self) -> int:
+        task = self.merge_task()
+        if task is None:
+            raise MergeError(f"{self.method}: a merge folds in one task; select it with "
+                             f"`with peftlab.task_ids(k): peftlab.merge(model)` or the default_task option")
+        return task
+
+    def missing(self) -> ConfigError:
+        return ConfigError(f"{self.method}: this adapter has no task-agnostic part, so every batch needs task ids: "
+                           f"wrap the call in `with peftlab.task_ids(ids):` or set default_task")
+
+
+def block_coefficients(ids: torch.Tensor, count: int, rank: int, scale: float = 1.0) -> torch.Tensor:
+    """(batch, count·rank): ``scale`` on the rank block of each example's task, 0 elsewhere."""
+    one_hot = nn.functional.one_hot(ids, count).float() * scale
+    return one_hot.repeat_interleave(rank, dim=1)
+
+
+def routed_update(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, coefficients: torch.Tensor):
+    """Σ_k c[b, k]·B[:, k] (A[k] · x_b) per example b: A (K x in) and B (out x K) hold K rank-one
+    components, ``coefficients`` (batch, K) weights them per example (batch first in x)."""
+    xa = linear(x, a_all)
+    shape = (coefficients.shape[0],) + (1,) * (xa.dim() - 2) + (coefficients.shape[1],)
+    return linear(xa * coefficients.view(shape).to(xa.dtype), b_all)
+
+
+def kaiming_uniform(shape: tuple[int, ...], fan_in: int, device) -> torch.Tensor:
+    """nn.init.kaiming_uniform_(a=√5) for a weight whose fan-in is ``fan_in``: U(±1/√fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape, device=device).uniform_(-bound, bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# A shared LoRA plus per-task LoRAs (MTLoRA, and Omni-AVSR's three strategies)
+
+
+class SharedTaskLoRAAdapter(LayerAdapter):
+    """y = base(x) + s_sh·B_sh A_sh h + s_t·B_t A_t h, h = dropout(x); either part may be absent.
+
+    ``task_A`` is stored (T, task_r, in) and ``task_B`` (out, T, task_r), so both flatten to the
+    stacked rank-T·task_r pair without a copy. ``zero_side`` names the factor that starts at zero
+    (the other is Kaiming-uniform over its own fan-in).
+    """
+
+    def __init__(self, site: Site, selector: TaskSelector, *, shared_r: int, task_r: int, shared_scale: float,
+                 task_scale: float, dropout: float, zero_side: str):
+        super().__init__()
+        fan_in, fan_out = site.features
+        dev, count = site.device, selector.count
+        self.selector = selector
+        self.shared_scale, self.task_scale, self.task_r = shared_scale, task_scale, task_r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shared_A = nn.Parameter(torch.zeros(shared_r, fan_in, device=dev)) if shared_r else None
+        self.shared_B = nn.Parameter(torch.zeros(fan_out, shared_r, device=dev)) if shared_r else None
+        self.task_A = nn.Parameter(torch.zeros(count, task_r, fan_in, device=dev)) if task_r else None
+        self.task_B = nn.Parameter(torch.zeros(fan_out, count, task_r, device=dev)) if task_r else None
+        if site.restoring:
+            return
+        with torch.no_grad():
+            for a, b, r in ((self.shared_A, self.shared_B, shared_r), (self.task_A, self.task_B, task_r)):
+                if a is None:
+                    continue
+                if zero_side == "B":
+                    a.copy_(kaiming_uniform(a.shape, fan_in, dev))
+                else:
+                    b.copy_(kaiming_uniform(b.shape, r, dev))
+
+    def forward(self, layer, x, base):
+        out = base(x)
+        ids = self.selector.for_batch(x)
+        if ids is None and self.shared_A is None:
+            raise self.selector.missing()
+        h = self.dropout(x)
+        if self.shared_A is not None:
+            out = out + linear(linear(h, self.shared_A), self.shared_B) * self.shared_scale
+        if ids is not None and self.task_A is not None:
+            a_all, b_all = self.task_A.flatten(0, 1), self.task_B.flatten(1, 2)
+            coefficients = block_coefficients(ids, self.selector.count, self.task_r, self.task_scale)
+            out = out + routed_update(h, a_all, b_all, coefficients)
+        return out
+
+    def delta_weight(self, layer) -> torch.Tensor:
+        delta = 0.0
+        if self.task_A is not None:
+            task = self.selector.required_merge_task()
+            delta = self.task_scale * (self.task_B[:, task].float() @ self.task_A[task].float())
+        if self.shared_A is not None:
+            delta = delta + self.shared_scale * (self.shared_B.float() @ self.shared_A.float())
+        return delta
+
+
+def check_rank(method: str, rank: int, site: Site) -> None:
+    if rank > min(site.features):
+        raise ConfigError(f"{method}: rank {rank} exceeds min(in, out) = {min(site.features)} at {site.path}")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass
+class MTLoRA(MultiTaskMethod):
+    name: ClassVar[str] = "mtlora"
+    family: ClassVar[str] = "multi-task"
+    paper: ClassVar[str] = "MTLoRA, arXiv 2403.20320"
+    formula: ClassVar[str] = "(r + T·task_r)·(in + out)"
+    mergeable: ClassVar[bool] = True  # for one selected task
+    identity_at_init: ClassVar[bool] = True
+
+    r: int = config_field(8, "rank of the task-agnostic TA-LoRA")
+    task_r: int = config_field(8, "rank of each task-specific TS-LoRA")
+    shared_scale: float = config_field(2.0, "multiplier of the TA-LoRA update")
+    task_scale: float = config_field(2.0, "multiplier of the TS-LoRA update")
+    dropout: float = config_field(0.05, "dropout on the adapter's input")
+
+    def validate(self) -> None:
+        super().validate()
+        for field_name in ("r", "task_r"):
+            value = getattr(self, field_name)
+            check(isinstance(value, int) and value > 0, self.name, f"{field_name} must be a positive integer, "
+                                                                   f"got {value!r}")
+        check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
+
+    def build(self, site: Site) -> LayerAdapter:
+        check_rank(self.name, max(self.r, self.task_r), site)
+        return SharedTaskLoRAAdapter(site, TaskSelector(self), shared_r=self.r, task_r=self.task_r,
+                                     shared_scale=self.shared_scale, task_scale=self.task_scale,
+                                     dropout=self.dropout, zero_side="B")
+
+    def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int:
+        return (self.r + self.num_tasks * self.task_r) * (in_features + out_features)
