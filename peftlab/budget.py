@@ -52,5 +52,4 @@ def trainable_count(method: MethodConfig, config) -> int | None:
     targets = method.targets if method.targets is not None else method.default_targets(model)
     paths = resolve_targets(model, targets, accepts=method.accepts, default_roles=method.default_roles,
                             method=method.name, kind=method.kind)
-    counts = [method.trainable_count(*layers.features(model.get_submodule(p)), role_of(model, p)) for p in paths]
-    return None if None in counts else sum(counts)
+    return method.attachment_count([(*layers.features(model.get_submodule(p)), role_of(model, p)) for p in paths])

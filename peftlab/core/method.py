@@ -209,6 +209,12 @@ class LayerMethod(MethodConfig):
         count depends on the weights)."""
         raise NotImplementedError
 
+    def attachment_count(self, layer_features: list[tuple[int, int, str | None]]) -> int | None:
+        """Trainable parameters of one attachment on layers of these (in, out, role): the per-layer
+        counts summed; methods whose parameters are shared across layers (hypernetworks) override it."""
+        counts = [self.trainable_count(fan_in, fan_out, role) for fan_in, fan_out, role in layer_features]
+        return None if None in counts else sum(counts)
+
     def new_statistic(self, site: Site) -> Any:
         """A calibration accumulator with ``update(x)`` for this site (data-dependent methods)."""
         raise NotImplementedError

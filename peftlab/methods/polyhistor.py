@@ -44,7 +44,7 @@ parameters of the first adapted layer's adapter (``finish_build``); the others h
 so each tensor is counted, optimised and saved once. Trainable parameters: per layer k + (b/b0)·(in/d)
 + (out/d)·(b/b0) (lite) or k (full), plus once T·k + 2·k·h·b0 + k·h·Σ_{distinct d} d (down and up
 templates); ``trainable_count`` is None because the shared part depends on the set of layers
-(``count_for`` computes the total).
+(``attachment_count`` computes the total).
 
 Task ids: every generated adapter is task-specific, so a batch needs ``peftlab.task_ids`` or
 ``default_task``; otherwise ConfigError. The adapter is non-linear: not mergeable (MergeError).
@@ -215,11 +215,11 @@ class Polyhistor(MultiTaskMethod):
             member.share(shared, owner=index == 0)
 
     def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int | None:
-        return None  # the shared hypernetworks depend on the set of layers: see count_for
+        return None  # the shared hypernetworks depend on the set of layers: see attachment_count
 
-    def count_for(self, layer_features: Iterable[tuple[int, int]]) -> int:
-        """Trainable parameters of one attachment on layers of these (in, out) widths."""
-        layer_features = list(layer_features)
+    def attachment_count(self, layer_features: Iterable[tuple]) -> int:
+        """Trainable parameters of one attachment on layers of these (in, out[, role]) widths."""
+        layer_features = [(fan_in, fan_out) for fan_in, fan_out, *_ in layer_features]
         k, h, b0 = self.embed_dim, self.hyper_rank, self.kernel_bottleneck
         lite = self.variant == "lite"
         widths_in = {self.template_size if lite else fan_in for fan_in, _ in layer_features}
