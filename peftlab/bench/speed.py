@@ -41,9 +41,11 @@ PEFT_METHODS = {
     "prompt": lambda peft, t: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
     "prefix": lambda peft, t: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30),
 }
-# bitfit: Llama has no biases, so it gets zero-initialised ones; qwha: no quantized base to fit here.
+# bitfit: Llama has no biases, so it gets zero-initialised ones; qwha: no quantized base to fit here;
+# multi-task methods: every example of task 0, so the task-specific parts run as in training.
 OPTIONS = {"lora": LORA, "dora": LORA, "randlora": {"r": 32}, "prompt": {"num_virtual_tokens": 20},
-           "prefix": {"num_virtual_tokens": 30}, "bitfit": {"add_bias": True}, "qwha": {"init": "random"}}
+           "prefix": {"num_virtual_tokens": 30}, "bitfit": {"add_bias": True}, "qwha": {"init": "random"},
+           **{name: {"default_task": 0} for name in ("mtlora", "omnilora", "polyhistor", "divcontrol")}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
