@@ -12,7 +12,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import methods  # noqa: E402  the package is callable: peftlab.methods() -> registered names
+# peftlab.methods() -> registered names (the package is callable); peftlab.adaptation.LAME(...) and the
+# other test-time and black-box adapters.
+from . import adaptation, methods  # noqa: E402
 from .core.api import (  # noqa: E402
     active,
     adapt,
@@ -64,6 +66,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MergeError", "PeftlabError", "TargetError", "UnknownMethodError",
-    "active", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled", "export", "load",
-    "merge", "methods", "regularization", "save", "task_ids", "trainable_parameter_count", "use",
+    "active", "adaptation", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled",
+    "export", "load", "merge", "methods", "regularization", "save", "task_ids", "trainable_parameter_count", "use",
 ]
