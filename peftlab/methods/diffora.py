@@ -35,7 +35,8 @@ projections (the search space).
 The selection state (``searching``, ``selected``) is learned, so it is kept in persistent buffers
 and saved. Parameters cannot change shape during training, so unselected modules keep their
 (now idle, zero-gradient) LoRA factors and their DAM entry; after the search their forward skips the
-LoRA product (reading the phase flag is one host sync per layer call on GPU).
+LoRA product (the phase flags are read from the device only after they change, so the forward does
+not synchronise with the GPU on every call).
 
 Trainable parameters per adapted layer: r·(in + out) + 1 (LoRA factors + one DAM logit); after
 discretization only the selected modules' factors still receive gradients. Mergeable: ΔW = g·s·B A
@@ -82,12 +83,29 @@ class DiffoRAAdapter(LayerAdapter):
             return torch.sigmoid(self.dam_logit)
         return self.selected.float()
 
+    def phase(self) -> tuple[bool, bool]:
+        """(searching, selected), read from the device once per change of the buffers (their version
+        counters move on every in-place write: discretize, load) instead of on every call."""
+        flags = (self.searching, self.selected)
+        if torch.compiler.is_compiling() or any(f.is_inference() for f in flags):
+            return bool(flags[0]), bool(flags[1])
+        key = tuple((id(f), f.data_ptr(), f._version) for f in flags)
+        cached = self.__dict__.get("_phase")
+        if cached is None or cached[0] != key:
+            cached = (key, (bool(flags[0]), bool(flags[1])))
+            self.__dict__["_phase"] = cached
+        return cached[1]
+
     def forward(self, layer, x, base):
+        """base(x) + g·s·B A dropout(x): g·s rides on B's cast, the sum on the B-GEMM (addmm), as in LoRA."""
         out = base(x)
-        if not bool(self.searching) and not bool(self.selected):
+        searching, selected = self.phase()
+        if not searching and not selected:
             return out
-        delta = linear(linear(self.dropout(x), self.lora_A), self.lora_B)
-        return out + delta * (self.gate() * self.scale).to(delta.dtype)
+        gain = torch.sigmoid(self.dam_logit) * self.scale if searching else self.scale  # Γ = 1 when selected
+        xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A)
+        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, (self.lora_B * gain).to(xa.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         return (self.gate().float() * self.scale) * (self.lora_B.float() @ self.lora_A.float())

@@ -12,9 +12,11 @@ and peftlab computes it as a rank-n product on the activations, never forming th
 
     x ──► C_in[c] (n x in) ──► ⊙ α·a ──► C_out[r]ᵀ (out x n) ──► (+) ──► y        (+ base(x))
 
-The gathered cosine rows are evaluated on the fly from the formula (angles reduced exactly in
-integers), so nothing of size out x out or in x in is stored. ``forward="auto"`` switches to the dense
-ΔW (built as (C_out[r]ᵀ · α a) C_in[c]) when tokens·n·(in+out) > n·in·out + tokens·in·out.
+The gathered cosine rows are evaluated from the formula (angles reduced exactly in integers) and
+kept until the locations move, so nothing of size out x out or in x in is stored (n·(in + out) values
+in the activations' dtype are). The sum with the base output is fused into the last GEMM.
+``forward="auto"`` switches to the dense ΔW (built as (C_out[r]ᵀ · α a) C_in[c]) when
+tokens·n·(in+out) > n·in·out + tokens·in·out.
 
 Locations. Each location is kept, as in the official code, as a continuous pair l ∈ [0, 1]² (persistent
 buffer ``locations``, so a trained adapter's locations save and load), used as
@@ -199,19 +201,37 @@ class LoCAAdapter(LayerAdapter):
         n, fan_in, out = self.spectrum.numel(), self.fan_in, self.fan_out
         return tokens * n * (fan_in + out) > n * fan_in * out + tokens * fan_in * out
 
+    def cached_bases(self, dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``bases`` kept until the locations change (they move only in location phases): the cosine rows
+        cost n·(in + out) elementwise work per call otherwise. Holds n·(in + out) values in ``dtype``."""
+        if torch.compiler.is_compiling():
+            return self.bases(dtype, device)
+        loc = self.locations
+        key = (dtype, torch.device(device), id(loc), loc.data_ptr(), loc._version)
+        cache = self.__dict__.get("_bases_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.bases(dtype, device))
+            self.__dict__["_bases_cache"] = cache
+        return cache[1]
+
     def forward(self, layer, x, base):
+        """base(x) + ΔW x, the sum fused into the last GEMM (addmm)."""
         result = base(x)
         h = self.dropout(x)
-        a_rows, b_rows, rows, cols = self.bases(h.dtype, h.device)
+        a_rows, b_rows, rows, cols = self.cached_bases(h.dtype, h.device)
         coef = (self.spectrum * self.scale).to(h.dtype)
-        if self.use_dense(h.numel() // self.fan_in):
-            update = nn.functional.linear(h, (b_rows.T * coef) @ a_rows)
+        flat = h.reshape(-1, self.fan_in)
+        out = result.reshape(flat.shape[0], self.fan_out)
+        if self.use_dense(flat.shape[0]):
+            y = torch.addmm(out, flat, ((b_rows.T * coef) @ a_rows).T)
         else:
-            update = (nn.functional.linear(h, a_rows) * coef) @ b_rows
-        if self.training and self.learning_locations and update.requires_grad:
+            y = torch.addmm(out, nn.functional.linear(flat, a_rows) * coef, b_rows)
+        y = y.view(result.shape)
+        if self.training and self.learning_locations and y.requires_grad:  # ∂L/∂y is ∂L/∂(ΔW x)
             saved_x, saved_coef = h.detach(), self.spectrum.detach().clone()
-            update.register_hook(lambda g: self.accumulate_location_grad(g, saved_x, saved_coef, rows, cols))
-        return result + update
+            y.register_hook(lambda g: self.accumulate_location_grad(g, saved_x, saved_coef, rows, cols))
+        return y
 
     def delta_weight(self, layer) -> torch.Tensor:
         a_rows, b_rows, _, _ = self.bases(torch.float32, self.spectrum.device)

@@ -31,7 +31,8 @@ W' x + b directly, which differs from this by the SVD round-off of W0 (~1e-6 rel
 Forward paths (``path``), both the reference's function (ReLU over every entry of Σ'):
 
 * ``"dense"`` (default, the reference's computation): rebuild the out x in ΔW every call
-  (out·t² + out·k·in multiply-adds) and apply it; in eval mode the rebuilt ΔW is cached until a
+  (t²·min(in, out) + out·k·in multiply-adds: the t x t block multiplies the smaller singular-vector
+  matrix first) and apply it as one addmm onto the base output; in eval mode the rebuilt ΔW is cached until a
   parameter changes (and dropped when the adapter is set to training). Merge for deployment.
 * ``"subspace"``: the same function computed through the k singular coordinates, never forming an
   out x in matrix: z = Vᵀx; y = base(x) + U [δ_top ⊙ z_top ; (ReLU(M) − diag σ_tail) z_tail], costing
@@ -145,9 +146,14 @@ class SALTAdapter(LayerAdapter):
         return full
 
     def _delta(self, dtype: torch.dtype) -> torch.Tensor:
+        """U [δ_top; C_tail] Vᵀ, with the t x t tail change C multiplied into the smaller side first
+        (t²·min(in, out) multiply-adds, then one out·k·in product)."""
         u, vh = self.u.to(dtype), self.vh.to(dtype)
-        left = torch.cat([u[:, : self.r] * self.top_change().to(dtype), u[:, self.r:] @ self.tail_change().to(dtype)],
-                         dim=1)
+        top, tail = self.top_change().to(dtype), self.tail_change().to(dtype)
+        if vh.shape[1] <= u.shape[0]:  # in <= out: C Vᵀ_tail is the cheaper product
+            right = torch.cat([top[:, None] * vh[: self.r], tail @ vh[self.r:]])
+            return u @ right
+        left = torch.cat([u[:, : self.r] * top, u[:, self.r:] @ tail], dim=1)
         return left @ vh
 
     def _cached_delta(self, dtype: torch.dtype) -> torch.Tensor:
@@ -166,12 +172,16 @@ class SALTAdapter(LayerAdapter):
     # -- LayerAdapter ------------------------------------------------------------------------------
 
     def forward(self, layer, x, base):
-        if self.path == "dense":
-            return base(x) + linear(x, self._cached_delta(x.dtype))
-        z = linear(x, self.vh)
-        top = z[..., : self.r] * self.top_change().to(z.dtype)
-        tail = linear(z[..., self.r:], self.tail_change())
-        return base(x) + linear(torch.cat([top, tail], dim=-1), self.u)
+        out = base(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.path == "dense":  # the sum is fused into the ΔW-GEMM (addmm)
+            y = torch.addmm(out.reshape(flat.shape[0], -1), flat, self._cached_delta(x.dtype).T)
+            return y.view(out.shape)
+        z = linear(flat, self.vh)
+        top = z[:, : self.r] * self.top_change().to(z.dtype)
+        tail = linear(z[:, self.r:], self.tail_change())
+        y = torch.addmm(out.reshape(flat.shape[0], -1), torch.cat([top, tail], dim=-1), self.u.to(z.dtype).T)
+        return y.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         return self._delta(torch.float32)

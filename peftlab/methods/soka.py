@@ -18,8 +18,12 @@ product: with X = x viewed as (n, q), (Â ⊗ B̂) x = vec(Â X B̂ᵀ)::
     x ─► base (W0 x + b) ───────────────────────────────────────────────────┐
     └──► X (n x q) ─► Σ_k Â_k X B̂_kᵀ - Σ_k Â0_k X B̂0_kᵀ ─► (m x p) ─► flat ─► (+) ─► y
 
-so the output is the base at init and ``disabled`` is the base exactly. Cost per token about
-2·r_kp·(m·n·q + m·q·p) (or the cheaper contraction order).
+so the output is the base at init and ``disabled`` is the base exactly. The forward computes the
+difference as Σ_k (Â_k − Â0_k) ⊗ B̂_k + Â0_k ⊗ (B̂_k − B̂0_k), the same matrix, whose two terms are exact
+zeros at init. Each term is two GEMMs on the activations with the small factors permuted so that
+nothing token-sized is transposed; the last one accumulates into the base output (addmm/baddbmm).
+The frozen Â0 is contracted last, so the second term saves no activation for backward. Cost per token
+about 2·r_kp·(m·n·q + m·q·p) (or the cheaper contraction order for the first term).
 
 Rank selection per layer, on the KPSVD spectrum σ_1 >= ... >= σ_K (paper: "energy-threshold and
 elbow-point criteria"; the exact rule is ours [peftlab]):
@@ -122,17 +126,29 @@ class SoKAAdapter(LayerAdapter):
     def kron_apply(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
         """Σ_k (a_k ⊗ b_k) x, as vec(a_k X b_kᵀ), in the cheaper contraction order."""
         m, n, p, q = shape
-        xs = x.reshape(*x.shape[:-1], n, q)
+        flat = x.reshape(-1, n * q)
+        zero = flat.new_zeros(flat.shape[0], m * p)
         a, b = a.to(x.dtype), b.to(x.dtype)
         if m * n * q + m * q * p <= n * q * p + m * n * p:
-            y = torch.einsum("...kmq,kpq->...mp", torch.einsum("kmn,...nq->...kmq", a, xs), b)
+            y = _add_kron_a_first(zero, a, b, flat, shape)
         else:
-            y = torch.einsum("kmn,...knp->...mp", a, torch.einsum("...nq,kpq->...knp", xs, b))
+            y = _add_kron_b_first(zero, a, b, flat, shape)
         return y.reshape(*x.shape[:-1], m * p)
 
     def forward(self, layer, x, base):
-        delta = self.kron_apply(self.kron_A, self.kron_B, x, self.shape)
-        return base(x) + (delta - self.kron_apply(self.base_A, self.base_B, x, self.shape))
+        m, n, p, q = self.shape
+        out = base(x)
+        flat = x.reshape(-1, n * q)
+        dtype = flat.dtype
+        moved_a = (self.kron_A - self.base_A).to(dtype)  # differences in fp32: exact zeros at init
+        moved_b = (self.kron_B - self.base_B).to(dtype)
+        y = out.reshape(-1, m * p)
+        if m * n * q + m * q * p <= n * q * p + m * n * p:
+            y = _add_kron_a_first(y, moved_a, self.kron_B.to(dtype), flat, self.shape)
+        else:
+            y = _add_kron_b_first(y, moved_a, self.kron_B.to(dtype), flat, self.shape)
+        y = _add_kron_b_first(y, self.base_A.to(dtype), moved_b, flat, self.shape)
+        return y.view(out.shape)
 
     def kron_sum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Σ_k a_k ⊗ b_k as a dense (out, in) fp32 matrix."""
@@ -144,6 +160,26 @@ class SoKAAdapter(LayerAdapter):
     @property
     def rank(self) -> int:
         return self.kron_A.shape[0]
+
+
+def _add_kron_a_first(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
+    """out + Σ_k vec(a_k X b_kᵀ) for out (T, m·p), x (T, n·q): Y = a X first, then one addmm with b."""
+    m, n, p, q = shape
+    r, tokens = a.shape[0], x.shape[0]
+    y = torch.matmul(a.permute(1, 0, 2).reshape(m * r, n), x.reshape(tokens, n, q))  # (T, m·r, q)
+    b2 = b.permute(0, 2, 1).reshape(r * q, p)
+    return torch.addmm(out.reshape(tokens * m, p), y.view(tokens * m, r * q), b2).view(tokens, m * p)
+
+
+def _add_kron_b_first(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, shape) -> torch.Tensor:
+    """out + Σ_k vec(a_k X b_kᵀ) for out (T, m·p), x (T, n·q): Z = X b first, then a batched a·Z.
+
+    The shared left factor is an expanded (stride-0) batch: with a frozen ``a``, autograd keeps no Z."""
+    m, n, p, q = shape
+    r, tokens = a.shape[0], x.shape[0]
+    z = torch.mm(x.reshape(tokens * n, q), b.permute(2, 0, 1).reshape(q, r * p)).view(tokens, n * r, p)
+    a2 = a.permute(1, 2, 0).reshape(m, n * r)
+    return torch.baddbmm(out.reshape(tokens, m, p), a2.expand(tokens, m, n * r), z).view(tokens, m * p)
 
 
 @register

@@ -18,6 +18,8 @@ initial values, non-persistent buffers recomputed from W0) as a low-rank term::
 
 so the output equals the base exactly at init and ``disabled`` gives the base. The forward is
 factored (never forms out x in; the official code rebuilds (B ⊙ S) @ A every call, same function).
+Without dropout it computes the same ΔW as one rank-2r product, c·[BS − B0S0, B0S0]·[A; A − A0]
+(both blocks are exact zeros at init), with the sum fused into the GEMM as in LoRA.
 
 Trainable parameters per adapted layer: r·(in + out + 1); 4096 x 4096 at the released r = 128:
 1,048,704.
@@ -82,11 +84,24 @@ class SORSAAdapter(LayerAdapter):
         self.B = nn.Parameter(b0.clone())  # out x r
 
     def forward(self, layer, x, base):
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            return self.fused_forward(x, base)
         h = linear(self.dropout(x), self.A)
         update = linear(h * self.S.to(h.dtype), self.B)
         h0 = linear(x, self.base_A)
         principal = linear(h0 * self.base_S.to(h0.dtype), self.base_B)
         return base(x) + (update - principal) * self.scale
+
+    def fused_forward(self, x, base):
+        """base(x) + c·[BS − B0S0, B0S0]·[A; A − A0] x: the same ΔW as one rank-2r product (both blocks
+        are exact zeros at init) with the sum fused into the second GEMM; needs one input for both paths."""
+        out = base(x)
+        a = torch.cat([self.A, self.A - self.base_A])
+        principal = self.base_B * self.base_S
+        b = torch.cat([self.B * self.S - principal, principal], dim=1) * self.scale
+        xa = linear(x.reshape(-1, a.shape[1]), a)
+        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, b.to(xa.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         current = (self.B.float() * self.S.float()) @ self.A.float()

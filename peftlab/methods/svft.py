@@ -93,7 +93,10 @@ class SVFTAdapter(LayerAdapter):
         coords = linear(x, self.vh)  # Vᵀx, k per token
         if self.factored:
             return linear(coords * self.s.to(coords.dtype), self.u, layer.bias)
-        return base(x) + linear(coords * (self.s - self.sigma).to(coords.dtype), self.u)
+        out = base(x)  # the sum is fused into the U-GEMM (addmm)
+        shift = (coords * (self.s - self.sigma).to(coords.dtype)).reshape(-1, coords.shape[-1])
+        flat = torch.addmm(out.reshape(shift.shape[0], -1), shift, self.u.to(shift.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         u, vh = self.u.float(), self.vh.float()

@@ -37,6 +37,8 @@ Deviations and notes:
 
 * The code rebuilds W0 T + s·Δ densely every forward (an in x in x out product); peftlab computes
   W0 (T x) + s·Δx with the same result. ``tlora_dense_weight`` keeps the dense form as a reference.
+  With transform rank 1, T x is D mode products (one GEMM each, ``kron_apply``), the LoRA residual one
+  addmm onto the base output.
 * The paper's optional identity regulariser R_I = Σ_d Σ_{a,b} ‖A^d[:, :, a, b] − I/R‖_F is offered as
   ``transform_reg`` (a loss weight; 0 = off, as in the code's training script). The code's TT-matrix
   residual ("ttm") is not implemented.
@@ -111,6 +113,25 @@ def ring_apply(cores: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return z.reshape(*lead, -1)
 
 
+def kron_apply(factors: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(F_1 ⊗ … ⊗ F_D) applied to the last dim of x, mode by mode: F_d (I_d, J_d), x (..., ΠJ_d) -> (..., ΠI_d).
+
+    Each mode is one GEMM on the activations in their own layout (the last mode a plain mm, the others a
+    batched product with the factor shared), so nothing token-sized is permuted."""
+    lead = x.shape[:-1]
+    y = x.reshape(-1, x.shape[-1])
+    done = y.shape[0]  # tokens times the output modes already applied
+    for d, factor in enumerate(factors):
+        out_size, in_size = factor.shape
+        rest = math.prod(f.shape[1] for f in factors[d + 1:])
+        if rest == 1:
+            y = y.reshape(-1, in_size) @ factor.T
+        else:
+            y = torch.matmul(factor, y.reshape(done, in_size, rest))
+        done *= out_size
+    return y.reshape(*lead, -1)
+
+
 def ring_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
     """The dense TRM (ΠI_d x ΠJ_d): for references, merging and tests."""
     cols = math.prod(c.shape[1] for c in cores)
@@ -162,6 +183,8 @@ class TLoRAAdapter(LayerAdapter):
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.transform):
             return x
+        if self.transform[0].shape[-1] == 1:  # R = 1: T is the Kronecker product of the cores
+            return kron_apply([core[:, :, 0, 0].to(x.dtype) for core in self.transform], x)
         return ring_apply([core.to(x.dtype) for core in self.transform], x)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +196,12 @@ class TLoRAAdapter(LayerAdapter):
         return torch.einsum("...ba,oab->...o", z, cout)  # tr(B-chain · C-chain)
 
     def forward(self, layer, x, base):
-        return base(self.transform_input(x)) + self.residual(x) * self.scale
+        out = base(self.transform_input(x))
+        if self.residual_kind != "lora":
+            return out + self.residual(x) * self.scale
+        xa = linear(x.reshape(-1, self.fan_in), self.lora_A)  # the LoRA residual as one addmm, scale on B
+        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, (self.lora_B * self.scale).to(xa.dtype).T)
+        return flat.view(out.shape)
 
     def residual_matrix(self) -> torch.Tensor:
         if self.residual_kind == "lora":

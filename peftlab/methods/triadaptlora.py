@@ -139,12 +139,13 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         return self.alpha / self.active_rank.float() if self.rank_scaled else self.alpha
 
     def forward(self, layer, x, base):
+        """base(x) + s·(B C) A x: C and s are folded into B (out x R), the sum into the GEMM (addmm)."""
+        out = base(x)
         m = self.mask()
-        h = linear(self.dropout(x), self.lora_A * m[:, None])
-        h = linear(h, self.core())
-        delta = linear(h, self.lora_B * m[None, :])
-        scale = self.scale()
-        return base(x) + delta * (scale.to(delta.dtype) if torch.is_tensor(scale) else scale)
+        xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A * m[:, None])
+        bc = ((self.lora_B * m[None, :]) @ self.core()) * self.scale()
+        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, bc.to(xa.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         m = self.mask()

@@ -13,8 +13,11 @@ map acts on the feature axis only), so this is exactly a weight update — no to
 
     x ──► DWT (filter bank) ──► [x_lo; x_hi] ──► A (r x in/2) ──► B (out/2 x r) ──► IDWT ──► · s ──► (+) ──► y
 
-Both subbands go through the same A and B (one batched pair of thin matmuls); the transforms are the
-fast filter-bank DWT (periodic extension, so F = [F_lo; F_hi] is orthogonal), O(in + out) per token.
+Both subbands go through the same A and B; the transforms are the fast filter-bank DWT (periodic
+extension, so F = [F_lo; F_hi] is orthogonal). The forward folds them into the factors instead of
+transforming every token: ΔW = s·B̂ Â with Â = [A F_lo; A F_hi] (2r x in) and B̂ = [G_loᵀ B, G_hiᵀ B]
+(out x 2r), built per call by the inverse DWT of the small factors, so a token costs a rank-2r LoRA
+product (``update`` keeps the filter-bank form on activations as the reference and for merging).
 With the Haar wavelet the pair reduces to (B A) ⊗ I₂ in the interleaved (even, odd) feature layout
 — an identity worth knowing: the Haar transform only re-indexes; ``wavelet="db2"`` gives a genuine
 multi-resolution mixing. Odd sizes are zero-padded by one (input) / cropped (output).
@@ -112,8 +115,26 @@ class WaRAAdapter(LayerAdapter):
         mapped = nn.functional.linear(nn.functional.linear(bands, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return idwt(mapped, self.low, self.high)[..., : self.fan_out] * self.scale
 
+    def synthesis(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """[rows·S_lo; rows·S_hi] (2k x length): each row of ``rows`` (k, n/2) put in one subband and
+        inverse-transformed, i.e. the rows of rows·F_a for the analysis halves F_a (a = lo, hi)."""
+        zero = torch.zeros_like(rows)
+        bands = torch.stack((torch.stack((rows, zero), dim=-2), torch.stack((zero, rows), dim=-2)))
+        return idwt(bands, self.low, self.high).flatten(end_dim=1)[:, :length]
+
+    def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Â, B̂) with ΔW = s·B̂ Â: Â = [A F_lo; A F_hi] (2r x in), B̂ = [G_loᵀ B, G_hiᵀ B] (out x 2r), fp32."""
+        return self.synthesis(self.lora_A.float(), self.fan_in), self.synthesis(self.lora_B.float().T, self.fan_out).T
+
     def forward(self, layer, x, base):
-        return base(x) + self.update(self.dropout(x))
+        """base(x) + s·B̂ Â x: the transforms are folded into the small factors (a rank-2r product on the
+        activations, no token-sized DWT), with the sum fused into the B̂-GEMM as in LoRA."""
+        out = base(x)
+        h = self.dropout(x)
+        a, b = self.folded_factors()
+        xa = nn.functional.linear(h.reshape(-1, self.fan_in), a.to(h.dtype))
+        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, (b * self.scale).to(xa.dtype).T)
+        return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:
         eye = torch.eye(self.fan_in, device=self.lora_A.device)
