@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # peftlab.methods() -> registered names (the package is callable); peftlab.adaptation.LAME(...) and the
 # other test-time and black-box adapters.
-from . import adaptation, methods  # noqa: E402
+from . import adaptation, methods, quant  # noqa: E402  quant: NF4 bases, peftlab.quant.quantize(model)
 from .core.api import (  # noqa: E402
     active,
     adapt,
@@ -66,6 +66,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MergeError", "PeftlabError", "TargetError", "UnknownMethodError",
-    "active", "adaptation", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled",
+    "active", "adaptation", "quant", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled",
     "export", "load", "merge", "methods", "regularization", "save", "task_ids", "trainable_parameter_count", "use",
 ]
