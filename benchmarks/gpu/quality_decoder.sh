@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Decoder track of `peftlab bench quality` (issue 9) on one GPU: Gemma 3 270M trained on train_math_3k,
+# scored on the seven held-out math sets, every method through peftlab and, where it has them, HF PEFT.
+#
+#   DATA_DIR=/path/to/data GEMMA_GGUF=/path/to/gemma-3-270m-q4_k_m.gguf OUT=/path/to/out \
+#     bash benchmarks/gpu/quality_decoder.sh
+#
+# DATA_DIR holds train_math_3k.json and heldout_<set>.json, flat or under math/. Everything is written
+# under $OUT: shards/ (one JSON per process and phase), logs/, and the merged
+# quality-decoder-<date>.{json,md,png}, rewritten after each phase.
+#
+# A 270M model leaves the GPU mostly idle (small kernels, launch-bound), so WORKERS processes run jobs
+# side by side; they share one job list through claim files, and each process starts no job it could
+# not finish within its phase's time budget (jobs in flight finish; `timeout` stops a phase at
+# budget + GRACE seconds, and every finished run is already on disk).
+#   A  every method at the centre of its learning-rate grid, seed SEED, plus the base model;
+#   B  the TOP best (method, impl) pairs of A: the two other rates of their grid (the lr search), then
+#      all three rates with seed SEED2 (two seeds for the top methods).
+#
+# Time (an estimate, not measured on a GPU): one epoch is 204 optimizer steps of 16 x <=256 tokens
+# (509k tokens); the 270M model is bound by kernel launches, ~50-100 ms a step, so 10-20 s of training.
+# The evaluation decodes 7 x LIMIT prompts together in batches of EVAL_BATCH (about 3 batches of up to
+# MAX_NEW_TOKENS steps at ~20 ms): 10-15 s. ~35 s per job alone, 2-3x that with 8 processes on one GPU.
+# Phase A has 1 + 34 + 9 = 44 jobs (methods registered now): 4-5 minutes on 8 workers; phase B with
+# TOP=4 has 20 jobs, about 2 minutes; start-up and the one-time GGUF conversion about 1. The default
+# budgets (A 240 s, B 110 s) keep the script near 8 minutes; raise them, or lower LIMIT /
+# MAX_NEW_TOKENS, as the GPU time allows. Methods PEFT also has run first, so comparisons complete.
+set -u
+: "${DATA_DIR:?set DATA_DIR to the folder with train_math_3k.json and heldout_*.json}"
+: "${GEMMA_GGUF:?set GEMMA_GGUF to the Gemma 3 270M GGUF file}"
+OUT=${OUT:-/tmp/out}
+WORKERS=${WORKERS:-8}
+METHODS=${METHODS:-all}          # comma list (base = the untrained model) or all
+IMPL=${IMPL:-peftlab,peft}
+LRS=${LRS:-centre}               # phase A: centre | grid | comma list of rates
+EPOCHS=${EPOCHS:-1}
+LIMIT=${LIMIT:-100}              # evaluation records per held-out set
+TRAIN_LIMIT=${TRAIN_LIMIT:-}     # first N training records (empty: all 3,260); for a quick check of the script
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
+EVAL_BATCH=${EVAL_BATCH:-256}
+BATCH=${BATCH:-16}
+CUTOFF=${CUTOFF:-256}
+SEED=${SEED:-42}
+SEED2=${SEED2:-43}
+TOP=${TOP:-4}                    # phase B: how many of the best pairs get the lr search and a second seed
+BUDGET_A=${BUDGET_A:-240}
+BUDGET_B=${BUDGET_B:-110}        # 0 skips phase B
+GRACE=${GRACE:-60}
+DATE=${DATE:-$(date +%F)}
+PY=${PYTHON:-python3}
+
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PEFTLAB_CACHE=${PEFTLAB_CACHE:-/tmp/peftlab-cache}  # the converted GGUF (~1 GB) stays out of $OUT
+CORES=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 ))}
+mkdir -p "$OUT/shards" "$OUT/logs"
+START=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - START ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers as t, peft; print('torch', torch.__version__, t.__version__, peft.__version__)"
+# Convert the GGUF once before the workers start (they would race on the cache); cached for later runs.
+$PY -c "from peftlab.models import resolve; print('model', resolve('$GEMMA_GGUF'))" || exit 1
+elapsed "model ready"
+
+COMMON=(--track decoder --model "$GEMMA_GGUF" --data-dir "$DATA_DIR" --epochs "$EPOCHS" --limit "$LIMIT"
+        --max-new-tokens "$MAX_NEW_TOKENS" --eval-batch-size "$EVAL_BATCH" --batch-size "$BATCH"
+        --micro-batch-size "$BATCH" --cutoff-len "$CUTOFF" --impl "$IMPL" --no-report
+        ${TRAIN_LIMIT:+--train-limit "$TRAIN_LIMIT"})
+MERGED="$OUT/quality-decoder-$DATE"
+
+phase() {  # phase NAME BUDGET ARGS...: WORKERS processes over one job list, then the merged report
+  local name=$1 budget=$2 i
+  shift 2
+  for i in $(seq 1 "$WORKERS"); do
+    timeout -k 20 $(( budget + GRACE )) $PY -m peftlab.bench.quality "${COMMON[@]}" "$@" \
+      --claim-dir "$OUT/claims-$name" --time-budget "$budget" --output "$OUT/shards/$name-$i" \
+      > "$OUT/logs/$name-$i.log" 2>&1 &
+    sleep 2  # staggered starts: model loading and tokenisation do not all hit the disk at once
+  done
+  wait
+  grep -h "^decoder " "$OUT"/logs/"$name"-*.log | sort
+  grep -h "Error\|Traceback" "$OUT"/logs/"$name"-*.log | sort | uniq -c | head -20
+  $PY -m peftlab.bench.quality --merge "$OUT"/shards/*.json --output "$MERGED" | tail -3
+  elapsed "phase $name done"
+}
+
+phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED"
+if [ "$BUDGET_B" -gt 0 ] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
+  phase B "$BUDGET_B" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --skip-done --lrs grid \
+    --seeds "$SEED,$SEED2"
+fi
+cat "$MERGED.md" 2>/dev/null | head -70

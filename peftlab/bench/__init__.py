@@ -1,0 +1,1 @@
+"""Benchmarks: training speed and memory (speed), accuracy after a fixed budget (quality)."""
