@@ -1,11 +1,13 @@
 """``peftlab`` command line: a thin shell over the library.
 
     peftlab train   --model M --data FILE --method NAME --output DIR [--config run.yaml] [--set k=v ...]
+    peftlab train   --continual tasks.yaml [--model M --method NAME --output DIR ...] [--set k=v ...]
     peftlab eval    --model M [--adapter DIR] --data FILE [FILE ...] [--task T] [--output DIR] [--limit N]
     peftlab demo    [--output DIR]
     peftlab methods [--verbose] [--count ARCH]
     peftlab merge   --model M --adapter DIR --output DIR
     peftlab export  --model M --adapter DIR --output DIR [--format peft]
+    peftlab bench   speed|quality [options]   (GPU speed beside HF PEFT; accuracy leaderboard)
 
 Settings are taken, later winning, from defaults, ``--config`` YAML, explicit flags and ``--set``.
 ``--set key=value`` sets a training setting when ``key`` is one, else a method option.
@@ -78,10 +80,26 @@ def train_args(ns: argparse.Namespace):
     missing = [k for k in ("model", "data", "output") if not settings.get(k)]
     if missing:
         raise PeftlabError(f"train needs {', '.join('--' + m for m in missing)} (flags or config)")
-    return TrainArgs(**settings, method_options=options)
+    return TrainArgs(**_numbers(settings, TrainArgs), method_options=options)
+
+
+def _numbers(settings: dict[str, Any], cls) -> dict[str, Any]:
+    """YAML 1.1 reads ``lr: 3e-4`` (no dot) as text: numeric settings given as text become numbers."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    converted = dict(settings)
+    for key, value in settings.items():
+        kind = kinds.get(key)
+        if isinstance(value, str) and kind in (int, float):
+            try:
+                converted[key] = kind(float(value)) if kind is int else float(value)
+            except ValueError:
+                raise PeftlabError(f"training setting {key} must be a number, got {value!r}") from None
+    return converted
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    if ns.continual:
+        return cmd_train_continual(ns)
     from .train.loop import train
 
     args = train_args(ns)
@@ -90,6 +108,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
           f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s); final loss {result.final_loss:.4f}"
           + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))
     print(f"adapter, metrics and loss plot in {result.output}")
+    return 0
+
+
+def cmd_train_continual(ns: argparse.Namespace) -> int:
+    from .train.continual import load_config, run_continual
+
+    if ns.data or ns.config or ns.resume:
+        raise PeftlabError("--continual takes the data and settings from the tasks file: drop --data, --config "
+                           "and --resume")
+    flags = {name: value for flag, (name, _) in _TRAIN_FLAGS.items()
+             if (value := getattr(ns, flag.lstrip("-").replace("-", "_"))) is not None}
+    config = load_config(ns.continual, flags, _parse_sets(ns.set))
+    result = run_continual(config)
+    print(result.table())
+    print(f"adapters, predictions and results in {config.base.output}")
     return 0
 
 
@@ -137,8 +170,12 @@ def cmd_methods(ns: argparse.Namespace) -> int:
         if config is not None:
             from .budget import trainable_count
 
-            count = trainable_count(cls(), config)
-            line += f"  [{ns.count}: {'depends on weights' if count is None else f'{count:,}'}]"
+            try:
+                count = trainable_count(cls(), config)
+                shown = "depends on weights" if count is None else f"{count:,}"
+            except PeftlabError as exc:  # e.g. bitfit on a model without biases: say why, list the rest
+                shown = f"n/a: {str(exc).split(';')[0]}"
+            line += f"  [{ns.count}: {shown}]"
         print(line)
         if ns.verbose:
             print(f"    {cls.paper}")
@@ -190,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="a training setting or method option, e.g. --set r=16 --set warmup_steps=50")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    train.add_argument("--continual", metavar="TASKS_YAML", help="train over a sequence of tasks and score every "
+                                                                "task after each (docs/continual.md)")
     train.set_defaults(run=cmd_train)
 
     ev = sub.add_parser("eval", help="generate answers and score them")
@@ -229,10 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", required=True)
     export.add_argument("--format", default="peft", choices=["peft"])
     export.set_defaults(run=cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks: speed beside HF PEFT (GPU), quality leaderboard; "
+                           "`peftlab bench speed --help` for their options")
+    bench.add_argument("kind", choices=["speed", "quality"])
+    bench.set_defaults(run=None)
     return parser
 
 
+def run_bench(kind: str, argv: list[str]) -> int:
+    """The benchmark modules parse their own options (and import torch only when they run)."""
+    import importlib
+
+    return importlib.import_module(f"peftlab.bench.{kind}").main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"] and argv[1:2] in (["speed"], ["quality"]):
+        return run_bench(argv[1], argv[2:])
     ns = build_parser().parse_args(argv)
     try:
         return ns.run(ns)

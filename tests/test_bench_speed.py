@@ -21,3 +21,11 @@ def test_speed_harness_writes_rows_for_both_libraries(tmp_path):
     assert rows["dora"]["peft_tok_s"] > 0 and rows["series"]["peft_tok_s"] is None
     assert rows["series"]["step_ratio_vs_lora"] > 0 and not any(r["note"] for r in rows.values())
     assert "| lora |" in out.with_suffix(".md").read_text()
+
+
+def test_the_command_line_hands_bench_options_to_the_benchmark(capsys):
+    from peftlab import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "speed", "--help"])
+    assert exit_info.value.code == 0 and "--shapes" in capsys.readouterr().out

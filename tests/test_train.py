@@ -229,3 +229,17 @@ def test_compiling_marks_each_decoder_block_and_release_restores_eager():
     assert model.model._compiled_call_impl is None  # the body itself stays eager: blocks are the unit
     loss_fn.release()
     assert all(b._compiled_call_impl is None for b in blocks) and loss_fn.compiled == []
+
+
+def test_config_file_numbers_written_without_a_dot_are_numbers(tmp_path):
+    from peftlab import cli
+
+    (tmp_path / "run.yaml").write_text("lr: 3e-4\nepochs: 2\nwarmup_steps: '5'\n")
+    ns = cli.build_parser().parse_args(["train", "--model", "m", "--data", "d.json", "--output", "o",
+                                        "--config", str(tmp_path / "run.yaml")])
+    args = cli.train_args(ns)
+    assert args.lr == 3e-4 and args.warmup_steps == 5 and args.epochs == 2
+    (tmp_path / "bad.yaml").write_text("lr: fast\n")
+    ns.config = str(tmp_path / "bad.yaml")
+    with pytest.raises(peftlab.PeftlabError, match="lr must be a number"):
+        cli.train_args(ns)
