@@ -12,7 +12,7 @@ echo "gguf md5 $(md5sum $GGUF | cut -c1-32) (expected 9ee864697367f9b6839112968f
 time python3 -m peftlab.cli train --model $GGUF --data $DATA/train_math_3k.json --method lora \
   --set r=8 --set alpha=16 --set "targets=[q_proj,k_proj,v_proj,up_proj,down_proj]" --set overlong=truncate \
   --lr 3e-4 --batch-size 16 --micro-batch-size 16 --epochs 3 --cutoff-len 256 --output $RUN 2>&1 | tr '\r' '\n' | grep -v "^train: .*step/s\]$" | tail -25
-time python3 -m peftlab.cli eval --model $GGUF --adapter $RUN --data $DATA/heldout_*.json --batch-size 64 \
+time python3 -m peftlab.cli eval --model $GGUF --adapter $RUN --data $DATA/heldout_*.json --batch-size 128 \
   --max-new-tokens 256 --output $RUN/eval 2>&1 | tr '\r' '\n' | tail -25
 cp $RUN/metrics.jsonl $RUN/loss.png $RUN/eval/summary.json "$OUT/" 2>/dev/null || true
 tar czf "$OUT/gemma-lora-run.tgz" -C /tmp gemma-lora
