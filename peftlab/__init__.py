@@ -66,6 +66,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterFileError", "ConfigError", "MergeError", "PeftlabError", "TargetError", "UnknownMethodError",
-    "active", "adaptation", "quant", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled",
-    "export", "load", "merge", "methods", "regularization", "save", "task_ids", "trainable_parameter_count", "use",
+    "active", "adaptation", "adapt", "adapter_parameters", "adapters", "current_task_ids", "delete", "disabled",
+    "export", "load", "merge", "methods", "quant", "regularization", "save", "task_ids", "trainable_parameter_count",
+    "use",
 ]
