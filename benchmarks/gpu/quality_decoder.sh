@@ -29,7 +29,7 @@ set -u
 : "${DATA_DIR:?set DATA_DIR to the folder with train_math_3k.json and heldout_*.json}"
 : "${GEMMA_GGUF:?set GEMMA_GGUF to the Gemma 3 270M GGUF file}"
 OUT=${OUT:-/tmp/out}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-6}   # 8 x eval batch 256 over the 262k vocabulary ran an 80 GB H100 out of memory
 METHODS=${METHODS:-all}          # comma list (base = the untrained model) or all
 IMPL=${IMPL:-peftlab,peft}
 LRS=${LRS:-centre}               # phase A: centre | grid | comma list of rates
@@ -37,7 +37,7 @@ EPOCHS=${EPOCHS:-1}
 LIMIT=${LIMIT:-100}              # evaluation records per held-out set
 TRAIN_LIMIT=${TRAIN_LIMIT:-}     # first N training records (empty: all 3,260); for a quick check of the script
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
-EVAL_BATCH=${EVAL_BATCH:-256}
+EVAL_BATCH=${EVAL_BATCH:-64}
 BATCH=${BATCH:-16}
 CUTOFF=${CUTOFF:-256}
 SEED=${SEED:-42}
