@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     args = train_args(ns)
     result = train(args)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+        return 0
     print(f"trained {result.steps} steps, {result.tokens} tokens in {result.seconds:.0f}s "
           f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s); final loss {result.final_loss:.4f}"
           + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""))

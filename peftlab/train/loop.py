@@ -7,6 +7,10 @@ clipping, ``before_optimizer_step`` hooks, AdamW, the schedule. Checkpoints hold
 to continue bit-for-bit (adapter, optimizer, scheduler, RNG, data position); SIGINT/SIGTERM save one
 at the next step boundary before exiting. A non-finite loss or gradient stops the run with the last
 good checkpoint kept.
+
+Under ``torchrun`` (WORLD_SIZE > 1) each rank trains on a disjoint share of every global batch and the
+adapter gradients are summed across ranks before clipping: see peftlab/train/distributed.py and
+docs/distributed.md. Rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from peftlab.core.files import write_json
 from peftlab.core.method import LayerMethod, TrainingStep
 from peftlab.core.tasks import task_ids
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import Sequence, collate, collate_packed, epoch_batches, load_examples, pack, split_validation, tokenize
 from .loss import SupervisedLoss
 
@@ -149,6 +153,8 @@ class Trainer:
                  extra_loss: Callable[[torch.nn.Module], torch.Tensor | None] | None = None,
                  attach: Callable[[torch.nn.Module], None] | None = None):
         args.validate()
+        distributed.check_batch_split(args.batch_size, args.micro_batch_size, distributed.environment_world_size())
+        self.dist = distributed.from_environment()
         self.args = args
         self.progress = progress
         self.extra_loss = extra_loss
@@ -159,6 +165,8 @@ class Trainer:
             from peftlab.models import load_model
 
             model, tokenizer = load_model(args.model)
+        if self.dist.enabled and next(model.parameters()).device != self.dist.device:
+            model.to(self.dist.device)  # each rank on its own GPU, whatever device the caller loaded to
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -196,14 +204,15 @@ class Trainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, epoch: int, cursor: int):
-        """Endless stream of (epoch, cursor after it, batch, real tokens in it) from a data position."""
+        """Endless stream of (epoch, cursor after it, units to collate, real tokens in them) from a data
+        position; every rank walks the whole stream and collates only its own micro-batches."""
         lengths = [sum(len(s) for s in u) for u in self.units]
         while True:
             order = epoch_batches(lengths, self.args.micro_batch_size, seed=self.args.seed, epoch=epoch,
                                   group_by_length=self.args.group_by_length)
             for index in range(cursor, len(order)):
                 units = [self.units[i] for i in order[index]]
-                yield epoch, index + 1, self._collate(units), sum(lengths[i] for i in order[index])
+                yield epoch, index + 1, units, sum(lengths[i] for i in order[index])
             epoch, cursor = epoch + 1, 0
 
     # ------------------------------------------------------------------------------------ adapters
@@ -249,18 +258,22 @@ class Trainer:
         if not (issubclass(method_class, LayerMethod) and method_class.needs_calibration):
             return None
         stream = self._micro_batches(0, 0)
-        return [{k: v for k, v in next(stream)[2].items() if k not in ("labels", "task_ids")}
+        return [{k: v for k, v in self._collate(next(stream)[2]).items() if k not in ("labels", "task_ids")}
                 for _ in range(min(self.args.calibration_batches, self.micro_per_epoch))]
 
     # ---------------------------------------------------------------------------------------- loop
 
     def run(self) -> TrainResult:
         args = self.args
-        self.output.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
         resumed = self._attach()
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dist.broadcast_parameters(params)
+        if resumed is None:
+            self.dist.seed(args.seed)
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(args, self.total_steps))
         step, epoch, cursor, tokens = 0, 0, 0, 0
@@ -269,35 +282,42 @@ class Trainer:
             self._check_compatible(state)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            checkpoint.restore_rng(state["rng"])
+            self._restore_rng(state)
             step, epoch, cursor, tokens = state["step"], state["epoch"], state["cursor"], state["tokens"]
-        write_json(self.output / "train_config.json", dataclasses.asdict(args))
-        metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
+        if self.dist.is_main:
+            write_json(self.output / "train_config.json", dataclasses.asdict(args))
+            metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
+        else:
+            metrics = _NoMetrics()
         loss_fn = SupervisedLoss(self.model, compile_body=args.compile)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False
-        bar = tqdm(total=self.total_steps, initial=step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and self.dist.is_main),
+                   desc="train", unit="step")
         with _StopRequest() as stop:
             while step < self.total_steps:
-                if stop.requested:
+                if self.dist.any(stop.requested):  # signals reach ranks at different steps
                     saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
                     bar.close()
                     raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
                 info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr, self.micro_per_step)
                 api.on_step(self.model, info)
                 batches, step_tokens = [], 0
-                for _ in range(self.micro_per_step):
-                    epoch, cursor, batch, count = next(stream)
-                    batches.append(batch)
+                for index in range(self.micro_per_step):
+                    epoch, cursor, units, count = next(stream)
+                    if self.dist.owns(index):
+                        batches.append(self._collate(units))
                     step_tokens += count
                 if not verified:
                     verified = True
                     with self._context(batches[0]) as inputs:
                         fused = loss_fn.verify(inputs)
+                    fused = loss_fn.fused = self.dist.all(fused)  # one loss path on every rank
                     if not fused:
                         metrics.note("fused loss path unavailable for this model; using the full forward")
                 last_loss = self._step(batches, loss_fn, step)
+                self.dist.reduce_gradients(params)
                 grad_norm = self._clip(params, step)
                 api.before_optimizer_step(self.model, info)
                 optimizer.step()
@@ -321,26 +341,37 @@ class Trainer:
             val_loss = self.validate(loss_fn)
             metrics.log(step=step, val_loss=val_loss)
         loss_fn.release()
-        if peftlab.adapters(self.model):
+        if peftlab.adapters(self.model) and self.dist.is_main:
             peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()
         metrics.plot(self.output / "loss.png")
+        self.dist.barrier()  # the outputs exist on every rank's return
         return TrainResult(self.output, step, tokens, time.perf_counter() - started, last_loss, val_loss)
 
     def _step(self, batches, loss_fn, step: int) -> float:
-        total_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_loss = 0.0
+        """Backward over this rank's micro-batches; returns the step's loss over the global batch.
+
+        Losses are divided by the supervised tokens of the whole global batch (summed over ranks) and
+        regularisation terms by the global number of micro-batches, so the gradients summed over ranks
+        are the single-process ones. A non-finite loss is reported after the reduction, on every rank
+        at once, so no rank is left waiting in a collective.
+        """
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        [total_tokens] = self.dist.sum([local_tokens])
+        step_loss, non_finite = 0.0, 0
         for batch in batches:
             with self._context(batch) as inputs:
                 loss_sum, _ = loss_fn(inputs)
                 loss = loss_sum / total_tokens
                 for term in (api.regularization(self.model), self.extra_loss and self.extra_loss(self.model)):
                     if term is not None:
-                        loss = loss + term / len(batches)
-            if not torch.isfinite(loss):
-                raise TrainingError(self._non_finite("loss", step))
+                        loss = loss + term / self.micro_per_step
+            non_finite += not bool(torch.isfinite(loss))
             loss.backward()
             step_loss += loss_sum.item() / total_tokens
+        step_loss, non_finite = self.dist.sum([step_loss, non_finite])
+        if non_finite:
+            raise TrainingError(self._non_finite("loss", step))
         return step_loss
 
     @contextmanager
@@ -365,11 +396,26 @@ class Trainer:
                 f"Try a lower learning rate (now {self.args.lr}) or gradient clipping.")
 
     def _save(self, step, epoch, cursor, tokens, optimizer, scheduler) -> Path:
-        state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens": tokens,
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": checkpoint.rng_state(), "args": dataclasses.asdict(self.args)}
-        return checkpoint.write(self.checkpoints, step, self.model, state, self.args.keep_checkpoints,
-                                self.saved_names)
+        """Rank 0 writes the checkpoint (replicas are equal) with every rank's RNG state in it."""
+        rank_rng = self.dist.gather(checkpoint.rng_state())
+        target = self.checkpoints / f"step-{step:08d}"
+        if self.dist.is_main:
+            state = {"step": step, "epoch": epoch, "cursor": cursor, "tokens": tokens,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": rank_rng[0], "rank_rng": rank_rng, "args": dataclasses.asdict(self.args)}
+            target = checkpoint.write(self.checkpoints, step, self.model, state, self.args.keep_checkpoints,
+                                      self.saved_names)
+        self.dist.barrier()  # no rank goes on (or resumes) before the checkpoint is complete
+        return target
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        """Each rank takes back its own streams; under another world size, fresh per-rank ones."""
+        rank_rng = state.get("rank_rng")
+        if rank_rng is not None and len(rank_rng) == self.dist.world_size:
+            checkpoint.restore_rng(rank_rng[self.dist.rank])
+        else:
+            checkpoint.restore_rng(state["rng"])
+            self.dist.seed(self.args.seed + state["step"])
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         saved = state["args"]
@@ -383,11 +429,13 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.val_set), self.args.micro_batch_size):
+        starts = range(0, len(self.val_set), self.args.micro_batch_size)
+        for start in (s for index, s in enumerate(starts) if self.dist.owns(index)):
             batch = self._collate([[s] for s in self.val_set[start:start + self.args.micro_batch_size]])
             with self._context(batch) as inputs:
                 loss_sum, n = loss_fn(inputs)
             total, count = total + loss_sum.item(), count + n
+        total, count = self.dist.sum([total, count])
         self.model.train(was_training)
         return total / max(count, 1)
 
@@ -448,6 +496,22 @@ class _Metrics:
         fig.savefig(target, dpi=120)
         plt.close(fig)
         return True
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, **values: Any) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def plot(self, target: Path) -> bool:
+        return False
 
 
 def train(args: TrainArgs, model=None, tokenizer=None, progress: bool = True, extra_loss=None,
