@@ -46,7 +46,6 @@ with g = σ(α) while searching, Γ afterwards.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +56,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import generator
 
 
 class DiffoRAAdapter(LayerAdapter):
@@ -72,7 +72,7 @@ class DiffoRAAdapter(LayerAdapter):
         self.register_buffer("selected", torch.zeros((), dtype=torch.bool, device=site.device))
         if site.restoring:
             return
-        gen = torch.Generator().manual_seed((config.seed * 1_000_003 + zlib.crc32(site.path.encode())) % 2**63)
+        gen = generator(config.seed, site.path)
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), as LoRA
         with torch.no_grad():
             self.lora_A.copy_(torch.empty(config.r, fan_in).uniform_(-bound, bound, generator=gen))

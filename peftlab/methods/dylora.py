@@ -47,7 +47,6 @@ the code always uses 1) and ``seed`` are extra options.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,12 +57,9 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import generator
 
 UPDATES = ("last", "all")
-
-
-def _site_generator(seed: int, path: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63)
 
 
 class DyLoRAAdapter(LayerAdapter):
@@ -81,7 +77,7 @@ class DyLoRAAdapter(LayerAdapter):
         if site.restoring:
             return
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5) on fan_in, as LoRA
-        init = torch.empty(config.r, fan_in).uniform_(-bound, bound, generator=_site_generator(config.seed, site.path))
+        init = torch.empty(config.r, fan_in).uniform_(-bound, bound, generator=generator(config.seed, site.path))
         with torch.no_grad():
             self.lora_A.copy_(init)
 

@@ -40,7 +40,6 @@ branches always run and merge uses each layer's own W0 and b.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +51,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import generator
 
 
 def _kaiming_rows(rows: int, fan_in: int, gen: torch.Generator) -> torch.Tensor:
@@ -72,7 +72,7 @@ class HydraAdapter(LayerAdapter):
         self.sequential_B = nn.Parameter(torch.zeros(fan_out, config.sequential_r, device=dev))
         if site.restoring:
             return
-        gen = torch.Generator().manual_seed((config.seed * 1_000_003 + zlib.crc32(site.path.encode())) % 2**63)
+        gen = generator(config.seed, site.path)
         with torch.no_grad():
             self.parallel_A.copy_(_kaiming_rows(config.parallel_r, fan_in, gen))
             self.sequential_A.copy_(_kaiming_rows(config.sequential_r, fan_out, gen))

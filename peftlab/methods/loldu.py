@@ -48,7 +48,6 @@ Deviations from the official code, and why:
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,6 +58,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import offset_generator
 
 INITS = ("lu", "uniform", "normal", "constant", "ones", "zeros", "s_uniform", "s_normal")
 
@@ -82,15 +82,6 @@ def ldu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return perm, lower, diag, upper / diag[:, None]
 
 
-def _generator(seed: int | None, path: str) -> torch.Generator:
-    """A local CPU generator: from ``seed`` and the layer path, else seeded from torch's global RNG."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    else:
-        seed = seed + zlib.crc32(path.encode())
-    return torch.Generator().manual_seed(seed)
-
-
 class LoLDUAdapter(LayerAdapter):
     def __init__(self, config: LoLDU, site: Site):
         super().__init__()
@@ -112,7 +103,7 @@ class LoLDUAdapter(LayerAdapter):
             return
         if config.init != "lu":
             with torch.no_grad():
-                self.z.copy_(_reinit(config.init, d_r, _generator(config.seed, site.path)))
+                self.z.copy_(_reinit(config.init, d_r, offset_generator(config.seed, site.path)))
 
     def factor_delta(self) -> torch.Tensor:
         """s·(z - D_r), the diagonal of the update in LU coordinates (fp32)."""

@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import math
 import weakref
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -76,14 +75,7 @@ from peftlab.core.inject import slot_of
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
 from peftlab.core.registry import register
-
-
-def _seed(*parts: int | str) -> int:
-    value = 0
-    for part in parts:
-        part = zlib.crc32(part.encode()) if isinstance(part, str) else int(part)
-        value = (value * 1_000_003 + part) % 2**63
-    return value
+from peftlab.core.seeding import generator
 
 
 class MoSAdapter(LayerAdapter):
@@ -249,7 +241,7 @@ class MoS(LayerMethod):
         pool_a = torch.zeros(total, fan_in // shards)
         if not site.restoring:
             bound = 1.0 / math.sqrt(fan_in)
-            pool_a.uniform_(-bound, bound, generator=torch.Generator().manual_seed(_seed(self.seed, pool.key, "A")))
+            pool_a.uniform_(-bound, bound, generator=generator(self.seed, pool.key, "A"))
         owner.pool_A = nn.Parameter(pool_a.to(device))
         owner.pool_B = nn.Parameter(torch.zeros(total, fan_out // shards, device=device))
         if site.restoring:  # indices come from the file
@@ -263,7 +255,7 @@ class MoS(LayerMethod):
             for member in members:
                 member.problem = problem
             return
-        gen = torch.Generator().manual_seed(_seed(self.seed, pool.key, "index"))
+        gen = generator(self.seed, pool.key, "index")
         for k, member in enumerate(members):
             private = public + torch.arange(k * p * shards, (k + 1) * p * shards)
             shared_a = torch.randperm(public, generator=gen)[:need]

@@ -47,7 +47,6 @@ Deviations from the code, and why:
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,6 +57,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import offset_generator
 
 VARIANTS = ("nlora", "slora", "inttune")
 
@@ -66,15 +66,6 @@ def nystrom_factors(weight: torch.Tensor, r: int, pinv: bool = False):
     """(A, N, B) = (W[:r, :], W[:r, :r] or its pseudo-inverse, W[:, :r]) of an (out, in) fp32 matrix."""
     middle = torch.linalg.pinv(weight[:r, :r]) if pinv else weight[:r, :r]
     return weight[:r, :].clone(), middle.clone(), weight[:, :r].clone()
-
-
-def _generator(seed: int | None, path: str) -> torch.Generator:
-    """A local CPU generator: from ``seed`` and the layer path, else seeded from torch's global RNG."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    else:
-        seed = seed + zlib.crc32(path.encode())
-    return torch.Generator().manual_seed(seed)
 
 
 class NLoRAAdapter(LayerAdapter):
@@ -90,7 +81,7 @@ class NLoRAAdapter(LayerAdapter):
             for key, shape in shapes.items():
                 setattr(self, key, nn.Parameter(torch.zeros(shape, device=site.device)))
             if not site.restoring:
-                gen = _generator(config.seed, site.path)
+                gen = offset_generator(config.seed, site.path)
                 with torch.no_grad():
                     for key in ("lora_A", "lora_N"):
                         value = torch.empty(shapes[key])

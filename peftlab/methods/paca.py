@@ -46,7 +46,6 @@ Deviations:
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +56,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import generator
 
 
 def choose_columns(fan_in: int, r: int, seed: int | None, path: str) -> torch.Tensor:
@@ -64,8 +64,7 @@ def choose_columns(fan_in: int, r: int, seed: int | None, path: str) -> torch.Te
     if seed is None:
         picked = torch.randperm(fan_in)[:r]  # the global RNG, as the official code does
     else:
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63)
-        picked = torch.randperm(fan_in, generator=generator)[:r]
+        picked = torch.randperm(fan_in, generator=generator(seed, path))[:r]
     return picked.sort().values
 
 

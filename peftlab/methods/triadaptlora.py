@@ -68,7 +68,6 @@ Deviations, [peftlab]:
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -79,17 +78,10 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
+from peftlab.core.seeding import generator
 
 GROWTH = ("linear", "non-linear")
 A_STD = 0.02
-
-
-def _seed(*parts: int | str) -> int:
-    value = 0
-    for part in parts:
-        part = zlib.crc32(part.encode()) if isinstance(part, str) else int(part)
-        value = (value * 1_000_003 + part) % 2**63
-    return value
 
 
 class TriAdaptLoRAAdapter(LayerAdapter):
@@ -117,7 +109,7 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         self.register_buffer("previous_norm", torch.zeros((), device=dev))
         if site.restoring:
             return
-        gen = torch.Generator().manual_seed(_seed(config.seed, site.path))
+        gen = generator(config.seed, site.path)
         with torch.no_grad():
             self.lora_A.copy_(torch.randn(size, fan_in, generator=gen) * A_STD)
             eye = torch.eye(size, device=dev)
@@ -298,7 +290,7 @@ class TriAdaptLoRA(LayerMethod):
         threshold = sorted((scores[p] for p in eligible), reverse=True)[count - 1]
         for index, path in enumerate(adapters):
             if path in eligible and scores[path] >= threshold:
-                adapters[path].grow(torch.Generator().manual_seed(_seed(self.seed, path, step.step, index)))
+                adapters[path].grow(generator(self.seed, path, step.step, index))
         return scores
 
 
