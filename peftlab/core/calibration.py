@@ -3,10 +3,15 @@
 A method with ``needs_calibration`` returns a statistic per site from ``new_statistic``; every
 forward call of that site's module hands the statistic its input ``x`` and, when the batch carries
 an attention mask of matching shape, a boolean mask of the real (non-padding) tokens.
+
+Causal LMs are asked for the last position's logits only (``logits_to_keep=1``) unless the output
+head is itself calibrated: full logits over a large vocabulary (Gemma's 262k) are gigabytes per batch
+that no statistic reads.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +37,7 @@ def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: It
     handles = [model.get_submodule(p).register_forward_pre_hook(make_hook(s)) for p, s in statistics.items()]
     was_training = model.training
     model.eval()
+    extra = _last_logits_only(model, paths)
     seen = 0
     try:
         with torch.no_grad():
@@ -40,7 +46,7 @@ def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: It
                 if isinstance(batch, dict):
                     mask = batch.get("attention_mask")
                     current_mask[0] = None if mask is None else mask.bool()
-                    model(**batch)
+                    model(**batch, **extra)
                 else:
                     current_mask[0] = None
                     model(batch)
@@ -51,3 +57,13 @@ def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: It
     if seen == 0:
         raise ConfigError(f"{config.name}: calibration data is empty")
     return statistics
+
+
+def _last_logits_only(model: nn.Module, paths: list[str]) -> dict[str, int]:
+    try:
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_calibrated = head is not None and any(model.get_submodule(p) is head for p in paths)
+    return {"logits_to_keep": 1} if accepts and not head_calibrated else {}
