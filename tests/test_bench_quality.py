@@ -365,3 +365,25 @@ def test_peft_gets_the_layers_peftlab_adapts():
     assert sum(".output.dense" in p for p in encoder_lora.target_modules) == 2  # the MLP output, not attention's
     with pytest.raises(peftlab.PeftlabError, match="biases only"):
         quality.peft_config("bitfit", "decoder", model)
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    # wide enough for the SVD methods' rank 128 and deep enough for MoS's shared pools (7+ layers)
+    config = Gemma3TextConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=128)
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("method", peftlab.methods())
+def test_every_method_trains_with_the_decoder_tracks_options(method):
+    """The sweep's options build every method on a Gemma 3 and a training step runs without task ids."""
+    model = _tiny_gemma3()
+    batch = {"input_ids": torch.randint(0, 96, (2, 12))}
+    peftlab.adapt(model, method, calibration=[batch], **quality.method_options("decoder", method))
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]  # other tasks': None
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

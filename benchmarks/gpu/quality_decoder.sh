@@ -17,19 +17,16 @@
 #   B  the TOP best (method, impl) pairs of A: the two other rates of their grid (the lr search), then
 #      all three rates with seed SEED2 (two seeds for the top methods).
 #
-# Time (an estimate, not measured on a GPU): one epoch is 204 optimizer steps of 16 x <=256 tokens
-# (509k tokens); the 270M model is bound by kernel launches, ~50-100 ms a step, so 10-20 s of training.
-# The evaluation decodes 7 x LIMIT prompts together in batches of EVAL_BATCH (about 3 batches of up to
-# MAX_NEW_TOKENS steps at ~20 ms): 10-15 s. ~35 s per job alone, 2-3x that with 8 processes on one GPU.
-# Phase A has 1 + 34 + 9 = 44 jobs (methods registered now): 4-5 minutes on 8 workers; phase B with
-# TOP=4 has 20 jobs, about 2 minutes; start-up and the one-time GGUF conversion about 1. The default
-# budgets (A 240 s, B 110 s) keep the script near 8 minutes; raise them, or lower LIMIT /
-# MAX_NEW_TOKENS, as the GPU time allows. Methods PEFT also has run first, so comparisons complete.
+# Time, measured on an H100 (2026-11-25, 7 workers, evaluation batches of 256): a job took 90-250 s
+# (training 40-130 s for 204 steps, evaluation 30-90 s), about 20 s of GPU per job overall. Phase A
+# (1 + 35 + 9 = 45 jobs) needs ~15 minutes and phase B with TOP=4 (20 jobs) ~7, more than one device
+# call: run PHASES=A with a budget per call and PRIOR set to the last call's merged JSON (or keep
+# $OUT on a warm machine: claimed jobs are not rerun). Methods PEFT also has run first.
 set -u
 : "${DATA_DIR:?set DATA_DIR to the folder with train_math_3k.json and heldout_*.json}"
 : "${GEMMA_GGUF:?set GEMMA_GGUF to the Gemma 3 270M GGUF file}"
 OUT=${OUT:-/tmp/out}
-WORKERS=${WORKERS:-6}   # 8 x eval batch 256 over the 262k vocabulary ran an 80 GB H100 out of memory
+WORKERS=${WORKERS:-7}            # ~8-10 GiB each at most (soka 14); 7 fit an 80 GB H100
 METHODS=${METHODS:-all}          # comma list (base = the untrained model) or all
 IMPL=${IMPL:-peftlab,peft}
 LRS=${LRS:-centre}               # phase A: centre | grid | comma list of rates
@@ -37,19 +34,22 @@ EPOCHS=${EPOCHS:-1}
 LIMIT=${LIMIT:-100}              # evaluation records per held-out set
 TRAIN_LIMIT=${TRAIN_LIMIT:-}     # first N training records (empty: all 3,260); for a quick check of the script
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-200}
-EVAL_BATCH=${EVAL_BATCH:-64}
+EVAL_BATCH=${EVAL_BATCH:-256}
 BATCH=${BATCH:-16}
 CUTOFF=${CUTOFF:-256}
 SEED=${SEED:-42}
 SEED2=${SEED2:-43}
 TOP=${TOP:-4}                    # phase B: how many of the best pairs get the lr search and a second seed
-BUDGET_A=${BUDGET_A:-240}
-BUDGET_B=${BUDGET_B:-110}        # 0 skips phase B
+BUDGET_A=${BUDGET_A:-450}
+BUDGET_B=${BUDGET_B:-420}        # 0 skips phase B
 GRACE=${GRACE:-60}
+PRIOR=${PRIOR:-}                 # a results JSON of an earlier, interrupted sweep: its runs are not redone
+PHASES=${PHASES:-A,B}            # A, B or A,B; a phase run again on the same $OUT takes up the jobs not yet claimed
 DATE=${DATE:-$(date +%F)}
 PY=${PYTHON:-python3}
 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PEFTLAB_CACHE=${PEFTLAB_CACHE:-/tmp/peftlab-cache}  # the converted GGUF (~1 GB) stays out of $OUT
 CORES=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / WORKERS > 0 ? CORES / WORKERS : 1 ))}
@@ -69,6 +69,9 @@ COMMON=(--track decoder --model "$GEMMA_GGUF" --data-dir "$DATA_DIR" --epochs "$
         ${TRAIN_LIMIT:+--train-limit "$TRAIN_LIMIT"})
 MERGED="$OUT/quality-decoder-$DATE"
 
+DONE=()
+if [ -n "$PRIOR" ]; then cp "$PRIOR" "$OUT/shards/prior.json" && DONE=(--skip-done "$OUT/shards/prior.json"); fi
+
 phase() {  # phase NAME BUDGET ARGS...: WORKERS processes over one job list, then the merged report
   local name=$1 budget=$2 i
   shift 2
@@ -85,9 +88,9 @@ phase() {  # phase NAME BUDGET ARGS...: WORKERS processes over one job list, the
   elapsed "phase $name done"
 }
 
-phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED"
-if [ "$BUDGET_B" -gt 0 ] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
-  phase B "$BUDGET_B" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --skip-done --lrs grid \
+[[ ",$PHASES," == *,A,* ]] && phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED" "${DONE[@]}"
+if [[ ",$PHASES," == *,B,* ]] && [ "$BUDGET_B" -gt 0 ] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
+  phase B "$BUDGET_B" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --skip-done "$MERGED.json" --lrs grid \
     --seeds "$SEED,$SEED2"
 fi
 cat "$MERGED.md" 2>/dev/null | head -70

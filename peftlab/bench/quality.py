@@ -119,6 +119,8 @@ def method_options(track: str, method: str) -> dict[str, Any]:
         return {"init": "random"}
     if method == "bitfit" and track == "decoder":  # Gemma has no biases
         return {"add_bias": True}
+    if method == "polyhistor":  # one task here: its task embedding 0 drives every batch
+        return {"default_task": 0}
     return {}
 
 
@@ -794,7 +796,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--best-from", nargs="+", default=None, metavar="JSON",
         help="result files: run the best (method, impl, lr) found there (with --top, the k best)")
     add("--top", type=int, default=None, help="with --best-from: only the k best (method, impl) pairs")
-    add("--skip-done", action="store_true", help="with --best-from: leave out runs those files already hold")
+    add("--skip-done", nargs="+", default=None, metavar="JSON",
+        help="result files: leave out runs that succeeded there (to take up an interrupted sweep)")
     add("--epochs", type=float, default=1.0)
     add("--train-limit", type=int, default=None, help="decoder: first N records; encoder: N questions per set")
     add("--limit", type=int, default=None, help="evaluate the first N records of each set")
@@ -849,9 +852,7 @@ def _chosen(ns: argparse.Namespace) -> dict[tuple[str, str], float] | None:
 def _done(ns: argparse.Namespace) -> set[tuple]:
     if not ns.skip_done:
         return set()
-    if not ns.best_from:
-        raise PeftlabError("--skip-done needs --best-from")
-    return {row_key(r) for r in read_results(ns.best_from)["rows"] if succeeded(r)}
+    return {row_key(r) for r in read_results(ns.skip_done)["rows"] if succeeded(r)}
 
 
 def settings_from(ns: argparse.Namespace) -> Settings:
