@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .core import layers
 from .core.method import LayerMethod, MethodConfig
 from .core.targets import resolve_targets, role_of
 
@@ -52,4 +51,4 @@ def trainable_count(method: MethodConfig, config) -> int | None:
     targets = method.targets if method.targets is not None else method.default_targets(model)
     paths = resolve_targets(model, targets, accepts=method.accepts, default_roles=method.default_roles,
                             method=method.name, kind=method.kind)
-    return method.attachment_count([(*layers.features(model.get_submodule(p)), role_of(model, p)) for p in paths])
+    return method.attachment_count([(model.get_submodule(p), role_of(model, p)) for p in paths])

@@ -209,10 +209,11 @@ class LayerMethod(MethodConfig):
         count depends on the weights)."""
         raise NotImplementedError
 
-    def attachment_count(self, layer_features: list[tuple[int, int, str | None]]) -> int | None:
-        """Trainable parameters of one attachment on layers of these (in, out, role): the per-layer
-        counts summed; methods whose parameters are shared across layers (hypernetworks) override it."""
-        counts = [self.trainable_count(fan_in, fan_out, role) for fan_in, fan_out, role in layer_features]
+    def attachment_count(self, sites: Sequence[tuple[nn.Module, str | None]]) -> int | None:
+        """Trainable parameters of one attachment on these (module, role) sites (modules may live on the
+        meta device): the per-layer formula summed. Methods whose parameters are shared across layers
+        (hypernetworks), or whose count depends on more than the widths, override it."""
+        counts = [self.trainable_count(*layers.features(module), role) for module, role in sites]
         return None if None in counts else sum(counts)
 
     def new_statistic(self, site: Site) -> Any:

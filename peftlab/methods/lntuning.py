@@ -166,5 +166,9 @@ class LNTuning(LayerMethod):
         return NormTuningAdapter(self, site)
 
     def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int | None:
-        # n, plus n for a bias: whether a norm has one is not visible from its size.
-        return None if self.bias else in_features
+        return None if self.bias else in_features  # with a bias the count depends on the norm: see below
+
+    def attachment_count(self, sites) -> int:
+        """n per norm, plus n where it has a bias and ``bias`` is on: read from the modules themselves."""
+        return sum(module.weight.numel() * (2 if self.bias and norm_bias(module) is not None else 1)
+                   for module, _ in sites)

@@ -62,6 +62,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from peftlab.core.errors import ConfigError
+from peftlab.core.layers import features
 from peftlab.core.method import LayerAdapter, Site, check, config_field
 from peftlab.core.registry import register
 from peftlab.methods.mtlora import MultiTaskMethod, TaskSelector
@@ -217,9 +218,9 @@ class Polyhistor(MultiTaskMethod):
     def trainable_count(self, in_features: int, out_features: int, role: str | None = None) -> int | None:
         return None  # the shared hypernetworks depend on the set of layers: see attachment_count
 
-    def attachment_count(self, layer_features: Iterable[tuple]) -> int:
-        """Trainable parameters of one attachment on layers of these (in, out[, role]) widths."""
-        layer_features = [(fan_in, fan_out) for fan_in, fan_out, *_ in layer_features]
+    def attachment_count(self, sites: Iterable[tuple[nn.Module, str | None]]) -> int:
+        """Trainable parameters of one attachment on these (module, role) sites."""
+        layer_features = [features(module) for module, _ in sites]
         k, h, b0 = self.embed_dim, self.hyper_rank, self.kernel_bottleneck
         lite = self.variant == "lite"
         widths_in = {self.template_size if lite else fan_in for fan_in, _ in layer_features}

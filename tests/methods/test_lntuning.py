@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab import budget
 from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import is_norm
@@ -56,6 +57,16 @@ def test_count_on_llama2_7b_shapes():
     model = meta_model(architecture_config("llama-2-7b"))
     peftlab.adapt(model, "lntuning")
     assert peftlab.trainable_parameter_count(model) == 65 * 4096 == 266_240
+    assert budget.trainable_count(peftlab.LNTuning(), architecture_config("llama-2-7b")) == 266_240
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_formula_count_reads_biases_from_the_norms(kind):
+    model = MODELS[kind]()
+    sites = [(m, None) for p, m in model.named_modules() if is_norm(m)]
+    with_bias = peftlab.LNTuning().attachment_count(sites)
+    assert with_bias == peftlab.trainable_parameter_count(peftlab.adapt(MODELS[kind](), "lntuning"))
+    assert peftlab.LNTuning(bias=False).attachment_count(sites) == 5 * 32  # weights only, width 32
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "gemma"])

@@ -71,13 +71,13 @@ def test_shared_hypernetworks_are_stored_and_counted_once(kind, variant, tmp_pat
     model = peftlab.adapt(MODELS[kind](0), "polyhistor", **options)
     config = peftlab.adapters(model)["default"]
     adapted = api.attached_adapters(model, "default")
-    features = [layers.features(model.get_submodule(p)) for p in adapted]
-    assert peftlab.trainable_parameter_count(model) == config.attachment_count(features)
+    sites = [(model.get_submodule(p), None) for p in adapted]
+    assert peftlab.trainable_parameter_count(model) == config.attachment_count(sites)
     owners = [p for p, a in adapted.items() if "shared_hypernetworks" in dict(a.named_children())]
     assert owners == [next(iter(adapted))]
     peftlab.save(model, tmp_path / "a")
     fresh = peftlab.load(MODELS[kind](0), tmp_path / "a")
-    assert peftlab.trainable_parameter_count(fresh) == config.attachment_count(features)
+    assert peftlab.trainable_parameter_count(fresh) == config.attachment_count(sites)
 
 
 def test_reload_keeps_every_task(tmp_path):
