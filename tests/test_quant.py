@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -11,10 +12,11 @@ from torch import nn
 
 import peftlab
 from peftlab import quant
+from peftlab.core.files import adapter_state
 from peftlab.core.inject import hosts
 from peftlab.quant import NF4Linear
 
-from .conftest import make_inputs, output_of, tiny_llama
+from .conftest import VOCAB, make_inputs, output_of, tiny_gpt2, tiny_llama
 
 PROJECTIONS = 14  # tiny Llama: 2 layers x 7 projections; the head stays dense
 
@@ -289,6 +291,69 @@ def test_save_on_a_quantized_base_and_load_on_another(tmp_path):
     peftlab.load(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(output_of(fresh, inputs), expected, atol=1e-6)
+
+
+def _lora_saved_on(model, directory):
+    peftlab.adapt(model, "lora", r=4)
+    _perturb(model)  # lora_B away from its zero init
+    peftlab.save(model, directory)
+    return adapter_state(model, "default")
+
+
+def _assert_loads_with_the_same_adapter(model, directory, expected):
+    with pytest.warns(UserWarning, match="fingerprint"):  # W_deq is not W: warned, not refused, for LoRA
+        peftlab.load(model, directory)
+    loaded = adapter_state(model, "default")
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with torch.no_grad():
+        assert torch.isfinite(output_of(model, make_inputs("llama"))).all()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])  # gpt2: Conv1D layout
+def test_adapter_saved_on_the_nf4_base_loads_on_the_float_base(tmp_path, make):
+    model = make()
+    quant.quantize(model)
+    expected = _lora_saved_on(model, tmp_path / "adapter")
+    fresh = make()
+    _assert_loads_with_the_same_adapter(fresh, tmp_path / "adapter", expected)
+    assert not any(isinstance(m, NF4Linear) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_adapter_saved_on_the_float_base_loads_on_the_nf4_base(tmp_path, make):
+    expected = _lora_saved_on(make(), tmp_path / "adapter")
+    model = make()
+    quant.quantize(model)
+    _assert_loads_with_the_same_adapter(model, tmp_path / "adapter", expected)
+
+
+def _llama(hidden: int, intermediate: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "nf4"])
+def test_an_nf4_adapter_still_refuses_other_layer_shapes(tmp_path, quantized):
+    model = tiny_llama()
+    quant.quantize(model)
+    peftlab.save(peftlab.adapt(model, "lora", r=4), tmp_path / "adapter")
+    peftlab.save(peftlab.adapt(model, "lora", r=4, targets=["up_proj", "down_proj"], name="mlp"),
+                 tmp_path / "mlp", name="mlp")
+    # wider everywhere; then the MLP's (48, 32) and (32, 48) swapped: as many weights, other shapes. On an
+    # NF4 host the swapped layers pass the layer check (a quantized layer may stand for a GPT-2 Conv1D,
+    # stored transposed) and the adapter's own tensor shapes refuse them.
+    for other, directory in [(_llama(48, 48), "adapter"), (_llama(48, 32), "mlp")]:
+        if quantized:
+            quant.quantize(other)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # other weights: the fingerprint differs too
+            with pytest.raises(peftlab.AdapterFileError, match="shape mismatch|has shape"):
+                peftlab.load(other, tmp_path / directory)
+        assert peftlab.adapters(other) == {}
 
 
 def test_dequantize_gives_plain_linear_layers_with_the_same_function():

@@ -1,7 +1,8 @@
 """Adapter directories: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Saved: the method, its options, the hosting module paths, the base model's identity (type, the
-shapes of every hosting module's own parameters, a fingerprint of its weights) and each adapter's
+shapes of every hosting module's own parameters, a quantized linear layer's as those of the dense
+layer it stands for, a fingerprint of its weights) and each adapter's
 state dict (parameters and persistent buffers) under ``<module path>.<key>``. Files are written to a
 temporary name, flushed and renamed, the config last, so a reader never sees half an adapter.
 Loading checks everything before the model is touched and undoes the attachment if the tensors do
@@ -27,6 +28,7 @@ from .. import __version__
 from . import api
 from .errors import AdapterFileError, PeftlabError
 from .inject import Attachment, book_of, slot_of
+from .layers import features, is_conv1d, is_linear
 from .method import LayerMethod, ModelMethod
 from .registry import method_class
 from .targets import model_type
@@ -123,13 +125,48 @@ def base_identity(model: nn.Module, paths: list[str], model_level: bool) -> dict
     }
 
 
-def _host_shapes(model: nn.Module, path: str, model_level: bool) -> dict[str, list[int]]:
-    """Shapes of the hosting module's own parameters; for model-level adapters, of the input embeddings."""
-    module = model.get_submodule(path)
+def _host_module(model: nn.Module, path: str, model_level: bool) -> nn.Module:
+    """The module whose shapes identify the base: the host; for model-level adapters, the input embeddings."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if model_level and callable(get_embeddings):
-        module = get_embeddings()
-    return {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
+        return get_embeddings()
+    return model.get_submodule(path)
+
+
+def _host_shapes(model: nn.Module, path: str, model_level: bool) -> dict[str, list[int]]:
+    """Shapes of the hosting module's own parameters; for model-level adapters, of the input embeddings.
+
+    A linear layer that does not store its weight as a ``weight`` parameter (peftlab.quant.NF4Linear:
+    packed 4-bit codes, or a dense copy after a float merge) is recorded by its logical shape, as the
+    nn.Linear it stands for, so that an adapter moves between a quantized base and the full-precision one.
+    """
+    return _shapes_of(_host_module(model, path, model_level))
+
+
+def _shapes_of(module: nn.Module) -> dict[str, list[int]]:
+    shapes = {k: list(p.shape) for k, p in module.named_parameters(recurse=False)}
+    if not is_linear(module) or "weight" in shapes:
+        return shapes
+    fan_in, fan_out = features(module)
+    bias = getattr(module, "bias", None)
+    return {"weight": [fan_out, fan_in], **({"bias": list(bias.shape)} if isinstance(bias, torch.Tensor) else {})}
+
+
+def _shapes_fit(saved: Any, module: nn.Module, here: dict[str, list[int]]) -> bool:
+    """Whether the shapes saved for a host fit ``module`` (recorded here as ``here``). A linear layer
+    also fits the same layer's other record: nn.Linear's (out, in) (saved from an NF4 layer, here a
+    Conv1D) and, on a quantized layer, which may stand for a GPT-2 Conv1D, the transposed (in, out).
+    The adapter's own tensor shapes are checked again when it is filled."""
+    if saved == here:
+        return True
+    if not isinstance(saved, dict) or not is_linear(module):
+        return False
+    fan_in, fan_out = features(module)
+    bias = {"bias": here["bias"]} if "bias" in here else {}
+    forms = [{"weight": [fan_out, fan_in]}]
+    if not is_conv1d(module) and "weight" not in dict(module.named_parameters(recurse=False)):
+        forms.append({"weight": [fan_in, fan_out]})
+    return any(saved == {**form, **bias} for form in forms)
 
 
 def fingerprint(model: nn.Module, paths: list[str]) -> str:
@@ -221,9 +258,11 @@ def check_base(model: nn.Module, base: dict[str, Any], paths: list[str], config)
     if saved_type and here_type and saved_type != here_type:
         raise AdapterFileError(f"the adapter was trained on a {saved_type} model; this model is {here_type}")
     api.check_targets_exist(model, paths)
-    here = base_identity(model, paths, isinstance(config, ModelMethod))
+    model_level = isinstance(config, ModelMethod)
+    here = base_identity(model, paths, model_level)
     for path, shapes in base.get("shapes", {}).items():
-        if shapes != here["shapes"].get(path):
+        if path not in here["shapes"] or not _shapes_fit(shapes, _host_module(model, path, model_level),
+                                                         here["shapes"][path]):
             raise AdapterFileError(f"shape mismatch at {path or 'the model root'}: adapter expects {shapes}, "
                                    f"the model has {here['shapes'].get(path)}")
     if base.get("fingerprint") and base["fingerprint"] != here["fingerprint"]:
