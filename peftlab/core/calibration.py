@@ -46,7 +46,7 @@ def collect(model: nn.Module, config: LayerMethod, paths: list[str], batches: It
                 if isinstance(batch, dict):
                     mask = batch.get("attention_mask")
                     current_mask[0] = None if mask is None else mask.bool()
-                    model(**batch, **extra)
+                    model(**{**extra, **batch})  # a batch that sets logits_to_keep itself keeps it
                 else:
                     current_mask[0] = None
                     model(batch)
