@@ -283,3 +283,12 @@ def test_task_ids_are_visible_inside_the_block_only():
     with pytest.raises(ValueError):
         with peftlab.task_ids(torch.zeros(2, 2, dtype=torch.long)):
             pass
+
+
+@pytest.mark.parametrize("method, option, value", [("lora", "r", True), ("lora", "r", 0), ("mtlora", "task_r", 2.5),
+                                                   ("series", "bottleneck_size", -1)])
+def test_integer_options_must_be_positive_integers(method, option, value):
+    from peftlab.core.registry import make_config
+
+    with pytest.raises(peftlab.ConfigError, match=f"{method}: {option} must be a positive integer, got {value!r}"):
+        make_config(method, {option: value})

@@ -120,6 +120,14 @@ def check(condition: bool, method: str, message: str) -> None:
         raise ConfigError(f"{method}: {message}")
 
 
+def check_positive_ints(config: MethodConfig, *field_names: str) -> None:
+    """ConfigError unless each named option of ``config`` is a positive integer (a bool is not one)."""
+    for field_name in field_names:
+        value = getattr(config, field_name)
+        check(isinstance(value, int) and not isinstance(value, bool) and value > 0, config.name,
+              f"{field_name} must be a positive integer, got {value!r}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Layer methods
 

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 SERIES_PLACEMENTS = {"llm-adapters": ("gate", "up", "down"), "houlsby": ("o", "down"), "pfeiffer": ("down",)}
@@ -105,8 +105,7 @@ class _BottleneckConfig(LayerMethod):
         return self.init == "zeros"
 
     def validate(self) -> None:
-        check(isinstance(self.bottleneck_size, int) and self.bottleneck_size > 0, self.name,
-              "bottleneck_size must be a positive integer")
+        check_positive_ints(self, "bottleneck_size")
         check(self.non_linearity in ACT2FN, self.name, f"unknown non_linearity {self.non_linearity!r}")
         check(0.0 <= self.dropout < 1.0, self.name, "dropout must be in [0, 1)")
         check(self.scaling == "learned" or isinstance(self.scaling, (int, float)), self.name,

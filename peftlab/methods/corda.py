@@ -58,7 +58,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 MODES = ("ipm", "kpm")
@@ -194,8 +194,7 @@ class CorDA(LayerMethod):
     mode: str = config_field("ipm", "ipm: train the largest r components | kpm: train the smallest r")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, self.name,
-              f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0), self.name,
               f"alpha must be a positive number or None, got {self.alpha!r}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")

@@ -54,7 +54,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
 
@@ -131,7 +131,7 @@ class DiffoRA(LayerMethod):
     seed: int = config_field(0, "seed of the LoRA initialisation")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(0.0 < self.select_ratio <= 1.0, self.name, f"select_ratio must be in (0, 1], got {self.select_ratio}")
         check(0.0 <= self.search_fraction <= 1.0, self.name,

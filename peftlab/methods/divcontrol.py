@@ -46,7 +46,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, Site, check, config_field
+from peftlab.core.method import LayerAdapter, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.methods.mtlora import MultiTaskMethod, TaskSelector, routed_update
 
@@ -138,10 +138,7 @@ class DivControl(MultiTaskMethod):
 
     def validate(self) -> None:
         super().validate()
-        for field_name in ("learngene_r", "tailors", "tailor_r", "embed_dim"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and value > 0, self.name, f"{field_name} must be a positive integer, "
-                                                                   f"got {value!r}")
+        check_positive_ints(self, "learngene_r", "tailors", "tailor_r", "embed_dim")
         check(self.temperature > 0, self.name, f"temperature must be positive, got {self.temperature}")
         check(isinstance(self.seed, int), self.name, f"seed must be an integer, got {self.seed!r}")
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
 
@@ -123,7 +123,7 @@ class DyLoRA(LayerMethod):
     seed: int = config_field(0, "seed of the per-step rank draws and of the init")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(self.alpha > 0, self.name, f"alpha must be positive, got {self.alpha}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(isinstance(self.min_rank, int) and 1 <= self.min_rank <= self.r, self.name,

@@ -49,7 +49,7 @@ from torch import nn
 from peftlab.core import layers
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
 
@@ -126,10 +126,7 @@ class Hydra(LayerMethod):
     seed: int = config_field(0, "seed of the A initialisation")
 
     def validate(self) -> None:
-        for field_name in ("parallel_r", "sequential_r"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and value > 0, self.name,
-                  f"{field_name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, "parallel_r", "sequential_r")
         check(self.scale != 0, self.name, "scale must be non-zero")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(isinstance(self.seed, int), self.name, f"seed must be an integer, got {self.seed!r}")

@@ -60,7 +60,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 ORTH_FORMS = ("gram", "reference")
@@ -152,7 +152,7 @@ class KaSA(LayerMethod):
     orth_form: str = config_field("gram", "gram: ‖BᵀB−I_r‖+‖AAᵀ−I_r‖ (paper, HF) | reference: ‖BBᵀ−I_out‖+‖AᵀA−I_in‖")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(isinstance(self.alpha, (int, float)) and self.alpha > 0, self.name,
               f"alpha must be positive, got {self.alpha!r}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")

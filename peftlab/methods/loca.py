@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 FORWARDS = ("auto", "factored", "dense")
@@ -259,8 +259,7 @@ class LoCA(LayerMethod):
     forward: str = config_field("auto", "auto | factored (rank-n on activations) | dense (build ΔW)")
 
     def validate(self) -> None:
-        check(isinstance(self.n_frequency, int) and self.n_frequency > 0, self.name,
-              f"n_frequency must be a positive integer, got {self.n_frequency!r}")
+        check_positive_ints(self, "n_frequency")
         check(self.scale > 0, self.name, f"scale must be positive, got {self.scale}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.location_lr >= 0, self.name, f"location_lr must be >= 0, got {self.location_lr}")
@@ -268,8 +267,7 @@ class LoCA(LayerMethod):
               f"location_fraction must be in [0, 1], got {self.location_fraction}")
         check(self.location_steps is None or (isinstance(self.location_steps, int) and self.location_steps >= 0),
               self.name, f"location_steps must be None or a non-negative integer, got {self.location_steps!r}")
-        check(isinstance(self.coefficient_phase, int) and self.coefficient_phase >= 1, self.name,
-              f"coefficient_phase must be a positive integer, got {self.coefficient_phase!r}")
+        check_positive_ints(self, "coefficient_phase")
         check(isinstance(self.location_phase, int) and self.location_phase >= 0, self.name,
               f"location_phase must be a non-negative integer, got {self.location_phase!r}")
         check(self.forward in FORWARDS, self.name, f"forward must be one of {FORWARDS}, got {self.forward!r}")

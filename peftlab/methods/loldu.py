@@ -56,7 +56,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import offset_generator
 
@@ -177,8 +177,7 @@ class LoLDU(LayerMethod):
         return self.alpha / self.r
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, self.name,
-              f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(isinstance(self.alpha, (int, float)) and self.alpha != 0, self.name,
               f"alpha must be a non-zero number, got {self.alpha!r}")
         check(self.init in INITS, self.name, f"init must be one of {INITS}, got {self.init!r}")

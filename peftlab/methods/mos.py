@@ -73,7 +73,7 @@ from torch import nn
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import slot_of
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
 
@@ -188,10 +188,7 @@ class MoS(LayerMethod):
     seed: int = config_field(0, "seed of the pool initialisation and of the shard indices")
 
     def validate(self) -> None:
-        for field_name in ("r", "equivalent_rank", "shards_per_vector"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and value > 0, self.name,
-                  f"{field_name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, "r", "equivalent_rank", "shards_per_vector")
         p = self.private_rank
         check(isinstance(p, int) and 0 <= p <= min(self.r, self.equivalent_rank), self.name,
               f"private_rank must be an integer in [0, min(r, equivalent_rank)] = "

@@ -56,7 +56,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError, MergeError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.tasks import current_task_ids
 
@@ -285,10 +285,7 @@ class MTLoRA(MultiTaskMethod):
 
     def validate(self) -> None:
         super().validate()
-        for field_name in ("r", "task_r"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and value > 0, self.name, f"{field_name} must be a positive integer, "
-                                                                   f"got {value!r}")
+        check_positive_ints(self, "r", "task_r")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
 
     def build(self, site: Site) -> LayerAdapter:

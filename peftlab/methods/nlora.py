@@ -55,7 +55,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import offset_generator
 
@@ -167,8 +167,7 @@ class NLoRA(LayerMethod):
         return self.alpha / self.r
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, self.name,
-              f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(isinstance(self.alpha, (int, float)) and self.alpha != 0, self.name,
               f"alpha must be a non-zero number, got {self.alpha!r}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftlab.core.method import LayerAdapter, Site, check, config_field
+from peftlab.core.method import LayerAdapter, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.methods.mtlora import MultiTaskMethod, SharedTaskLoRAAdapter, TaskSelector, check_rank
 
@@ -62,7 +62,7 @@ class OmniLoRA(MultiTaskMethod):
     def validate(self) -> None:
         super().validate()
         check(self.strategy in STRATEGIES, self.name, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
 
     @property
     def shared(self) -> bool:

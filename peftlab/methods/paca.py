@@ -54,7 +54,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
 
@@ -113,8 +113,7 @@ class PaCA(LayerMethod):
     seed: int | None = config_field(None, "seed of the column choice (None: torch's global RNG, as the paper)")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, self.name,
-              f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0, self.name,
               f"alpha must be a positive number, got {self.alpha!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)

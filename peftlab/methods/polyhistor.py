@@ -63,7 +63,7 @@ from transformers.activations import ACT2FN
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import features
-from peftlab.core.method import LayerAdapter, Site, check, config_field
+from peftlab.core.method import LayerAdapter, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.methods.mtlora import MultiTaskMethod, TaskSelector
 
@@ -189,10 +189,7 @@ class Polyhistor(MultiTaskMethod):
     def validate(self) -> None:
         super().validate()
         check(self.variant in VARIANTS, self.name, f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        for field_name in ("bottleneck", "embed_dim", "hyper_rank", "template_size", "template_bottleneck"):
-            value = getattr(self, field_name)
-            check(isinstance(value, int) and value > 0, self.name, f"{field_name} must be a positive integer, "
-                                                                   f"got {value!r}")
+        check_positive_ints(self, "bottleneck", "embed_dim", "hyper_rank", "template_size", "template_bottleneck")
         check(self.variant == "full" or self.bottleneck % self.template_bottleneck == 0, self.name,
               f"template_bottleneck {self.template_bottleneck} must divide bottleneck {self.bottleneck}")
         check(self.non_linearity in ACT2FN, self.name, f"unknown non_linearity {self.non_linearity!r}")

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 INITS = ("adaalloc", "random")
@@ -267,7 +267,7 @@ class QWHA(LayerMethod):
         return self.init == "adaalloc"
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(self.scaling > 0, self.name, f"scaling must be positive, got {self.scaling}")
         check(self.init in INITS, self.name, f"init must be one of {INITS}, got {self.init!r}")
         check(self.reference is None or isinstance(self.reference, Mapping) or callable(self.reference), self.name,

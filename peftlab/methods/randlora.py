@@ -59,7 +59,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import features, is_linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 BASES = ("dense", "sparse", "very_sparse")
@@ -195,7 +195,7 @@ class RandLoRA(LayerMethod):
     forward: str = config_field("auto", "auto | factored (two thin products on x) | dense (build ΔW)")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(isinstance(self.seed, int), self.name, f"seed must be an integer, got {self.seed!r}")
         check(self.basis in BASES, self.name, f"basis must be one of {BASES}, got {self.basis!r}")

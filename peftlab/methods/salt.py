@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from peftlab.core.layers import linear
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 INITS = ("default", "v1")
@@ -221,8 +221,7 @@ class SALT(LayerMethod):
     def validate(self) -> None:
         check(isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0, self.name,
               f"ratio must be in (0, 1], got {self.ratio!r}")
-        check(isinstance(self.r_lora, int) and self.r_lora > 0, self.name,
-              f"r_lora must be a positive integer, got {self.r_lora!r}")
+        check_positive_ints(self, "r_lora")
         check(isinstance(self.reg_multiplier, (int, float)) and self.reg_multiplier >= 0, self.name,
               f"reg_multiplier must be a non-negative number, got {self.reg_multiplier!r}")
         check(self.init in INITS, self.name, f"init must be one of {INITS}, got {self.init!r}")

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 UNBALANCED = 16  # warn when a split's larger factor side exceeds the smaller one this many times
@@ -201,8 +201,7 @@ class SoKA(LayerMethod):
     def validate(self) -> None:
         check(isinstance(self.tau, (int, float)) and 0.0 < self.tau <= 1.0, self.name,
               f"tau must be in (0, 1], got {self.tau!r}")
-        check(isinstance(self.r_max, int) and not isinstance(self.r_max, bool) and self.r_max > 0, self.name,
-              f"r_max must be a positive integer, got {self.r_max!r}")
+        check_positive_ints(self, "r_max")
         check(self.r is None or (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0),
               self.name, f"r must be a positive integer or None, got {self.r!r}")
         if self.factor_shapes is not None:

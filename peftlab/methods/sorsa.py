@@ -61,7 +61,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 ORTH_MODES = ("step", "loss")
@@ -143,7 +143,7 @@ class SORSA(LayerMethod):
                                           "loss: loss += γ·L_orth every micro-batch")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0), self.name,
               f"alpha must be None or positive, got {self.alpha!r}")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 FORWARDS = ("delta", "factored")
@@ -126,8 +126,7 @@ class CLIPSVD(LayerMethod):
     def validate(self) -> None:
         check(isinstance(self.rank_ratio, (int, float)) and 0.0 < self.rank_ratio <= 1.0, self.name,
               f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
-        check(isinstance(self.rank_multiple, int) and self.rank_multiple >= 1, self.name,
-              f"rank_multiple must be a positive integer, got {self.rank_multiple!r}")
+        check_positive_ints(self, "rank_multiple")
         check(self.forward in FORWARDS, self.name, f"forward must be one of {FORWARDS}, got {self.forward!r}")
 
     def build(self, site: Site) -> LayerAdapter:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from peftlab.core.layers import linear, weight_matrix
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 RESIDUALS = ("lora", "tr")
@@ -254,12 +254,11 @@ class TLoRA(LayerMethod):
     transform_reg: float = config_field(0.0, "weight of the identity regulariser Σ‖A^d − I/R‖_F (paper; 0 = off)")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(isinstance(self.transform_rank, int) and self.transform_rank >= 0, self.name,
               f"transform_rank must be a non-negative integer, got {self.transform_rank!r}")
         check(self.residual in RESIDUALS, self.name, f"residual must be one of {RESIDUALS}, got {self.residual!r}")
-        check(isinstance(self.order, int) and self.order >= 1, self.name,
-              f"order must be a positive integer, got {self.order!r}")
+        check_positive_ints(self, "order")
         check(self.tensor_shapes is None or isinstance(self.tensor_shapes, dict), self.name,
               "tensor_shapes must be None or a dict {width: [factors]}")
         for width, shape in (self.tensor_shapes or {}).items():

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, config_field
+from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
 WAVELETS = ("haar", "db2")
@@ -157,7 +157,7 @@ class WaRA(LayerMethod):
     wavelet: str = config_field("haar", "haar | db2: one-level orthonormal DWT, periodic extension")
 
     def validate(self) -> None:
-        check(isinstance(self.r, int) and self.r > 0, self.name, f"r must be a positive integer, got {self.r!r}")
+        check_positive_ints(self, "r")
         check(0.0 <= self.dropout < 1.0, self.name, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.wavelet in WAVELETS, self.name, f"wavelet must be one of {WAVELETS}, got {self.wavelet!r}")
 
