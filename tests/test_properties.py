@@ -88,6 +88,26 @@ kinds = pytest.mark.parametrize("kind", list(MODELS))
 
 
 @params
+def test_bf16_model_trains_fp32_parameters_in_bf16_activations(case):
+    """Adapter weights stay fp32 on a bf16 base: bf16 copies would round small optimizer steps away
+    (PEFT's LN tuning on Gemma loses most of its steps, docs/quality-benchmark.md)."""
+    if not supported(case, "llama"):
+        pytest.skip("unsupported pair (covered by test_only_adapter_parameters_train)")
+    method, options = case
+    model = MODELS["llama"](0).to(torch.bfloat16)
+    kwargs = dict(options)
+    if getattr(peftlab.method_class(method), "needs_calibration", False):
+        kwargs["calibration"] = [make_inputs("llama", seed=s) for s in range(4)]
+    peftlab.adapt(model, method, **kwargs)
+    inputs = make_inputs("llama")
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert out.logits.dtype == torch.bfloat16 and {p.dtype for p in trainable} == {torch.float32}
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+@params
 @kinds
 def test_only_adapter_parameters_train(case, kind):
     if not supported(case, kind):
