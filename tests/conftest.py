@@ -96,3 +96,32 @@ def gpt2():
 @pytest.fixture
 def bert():
     return tiny_bert()
+
+
+# Helpers of the method tests
+
+
+def one_layer(fan_in: int = 24, fan_out: int = 40, seed: int = 0, bias: bool = True) -> torch.nn.Sequential:
+    """A single seeded linear layer: the smallest model a layer method adapts."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out, bias=bias))
+
+
+def adapter_of(model, name: str = "default"):
+    """The first adapter called ``name`` on ``model``."""
+    from peftlab.core.inject import hosts
+
+    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def perturb_adapters(model, seed: int = 7) -> None:
+    """Move every trainable parameter away from its init (N(0, 0.3²) noise, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)

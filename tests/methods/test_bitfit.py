@@ -8,20 +8,13 @@ import torch
 import peftlab
 from peftlab.core.inject import hosts
 
-from ..conftest import make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
+from ..conftest import make_inputs, output_of, perturb_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 # The property suite trains every case on tiny LLaMA, which has no bias at all: it runs BitFit with
 # add_bias=True, which on GPT-2 and BERT (every linear biased) adapts exactly the default targets.
 CASES = {"bitfit": {"add_bias": True}}
 VARIANTS = [("bitfit", {"add_bias": True, "norms": False})]
 
-
-def perturb(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def meta_model(kind: str, **sizes):
@@ -83,7 +76,7 @@ def test_add_bias_on_llama_trains_projection_biases_and_merges_them_in():
     inputs = make_inputs("llama")
     peftlab.adapt(model, "bitfit", add_bias=True)
     assert len(list(hosts(model))) == 2 * 7  # q k v o gate up down per block; RMSNorm has no bias
-    perturb(model)
+    perturb_adapters(model)
     with torch.no_grad():
         adapted = output_of(model, inputs)
     peftlab.merge(model)

@@ -7,25 +7,14 @@ import torch
 
 import peftlab
 from peftlab.core.api import attached_adapters
-from peftlab.core.inject import hosts
 
-from ..conftest import tiny_llama
+from ..conftest import adapter_of, one_layer, rel_err, tiny_llama
 
 CASES = {"kasa": {"r": 8}}  # r < 16 = min(in, out) of the tiny k, v projections; big enough to show the truncation
 VARIANTS = [("kasa", {"r": 6, "alpha": 12.0, "dropout": 0.05, "orth_form": "reference", "beta": 1e-2})]
 
 
-def one_layer(fan_in: int = 40, fan_out: int = 24, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out))
 
-
-def adapter_of(model, name="default"):
-    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])  # out < in (where the official code truncates nothing)
@@ -45,7 +34,7 @@ def test_truncated_weight_keeps_the_top_k_minus_r_spectrum(shape):
 
 
 def test_init_output_is_the_truncated_layer_and_disabled_is_the_original():
-    model = one_layer()
+    model = one_layer(40, 24)
     x = torch.randn(6, 40)
     with torch.no_grad():
         base = model(x)
@@ -61,7 +50,7 @@ def test_init_output_is_the_truncated_layer_and_disabled_is_the_original():
 
 
 def test_trainable_tensors_and_counts():
-    model = peftlab.adapt(one_layer(), "kasa", r=5)
+    model = peftlab.adapt(one_layer(40, 24), "kasa", r=5)
     trainable = {n.rsplit(".", 1)[-1]: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A": 5 * 40, "lora_B": 24 * 5, "lora_diag": 5}
     assert not model[0].weight.requires_grad and not model[0].bias.requires_grad
@@ -127,7 +116,7 @@ def test_regulariser_gradient_is_finite_at_init():
 
 
 def test_merge_equals_unmerged_and_unmerging_gives_the_truncated_weight():
-    model = one_layer()
+    model = one_layer(40, 24)
     x = torch.randn(4, 40)
     adapter = adapter_of(peftlab.adapt(model, "kasa", r=5))
     with torch.no_grad():
@@ -142,8 +131,8 @@ def test_merge_equals_unmerged_and_unmerging_gives_the_truncated_weight():
 
 def test_rank_must_leave_a_direction_and_stacking_is_refused():
     with pytest.raises(peftlab.ConfigError):
-        peftlab.adapt(one_layer(), "kasa", r=24)
-    model = peftlab.adapt(one_layer(), "kasa", r=4)
+        peftlab.adapt(one_layer(40, 24), "kasa", r=24)
+    model = peftlab.adapt(one_layer(40, 24), "kasa", r=4)
     peftlab.adapt(model, "lora", name="other", r=2)
     with pytest.raises(peftlab.ConfigError):
         peftlab.use(model, ["default", "other"])

@@ -13,7 +13,7 @@ from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import is_norm
 
-from ..conftest import VOCAB, make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
+from ..conftest import VOCAB, make_inputs, output_of, perturb_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = {"lntuning": {}}
 VARIANTS = [("lntuning", {"bias": False})]
@@ -31,13 +31,6 @@ def tiny_gemma(seed: int = 0):
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return GemmaForCausalLM(config).eval()
 
-
-def perturb(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def norm_paths(model):
@@ -80,7 +73,7 @@ def test_only_norm_behaviour_changes_and_merged_norms_equal_base_plus_delta(kind
     peftlab.adapt(model, "lntuning")
     with torch.no_grad():
         assert torch.equal(output_of(model, inputs), base)  # exactly the base model at init
-    perturb(model)
+    perturb_adapters(model)
     deltas = {path: (slot["default"].weight_delta.detach().clone(),
                      None if slot["default"].bias_delta is None else slot["default"].bias_delta.detach().clone())
               for path, _, slot in hosts(model)}
@@ -104,7 +97,7 @@ def test_only_norm_behaviour_changes_and_merged_norms_equal_base_plus_delta(kind
 def test_delta_is_a_weight_delta_for_gemmas_one_plus_gamma_norm():
     model = tiny_gemma()
     peftlab.adapt(model, "lntuning")
-    perturb(model)
+    perturb_adapters(model)
     norm = model.model.layers[0].input_layernorm
     adapter = norm.peftlab["default"]
     assert not adapter.vanishes_at_zero  # N(x; 0) = x̂ for Gemma: the adapter subtracts it

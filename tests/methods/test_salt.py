@@ -9,10 +9,9 @@ import torch
 
 import peftlab
 from peftlab.core.api import attached_adapters
-from peftlab.core.inject import hosts
 from peftlab.methods.salt import split
 
-from ..conftest import tiny_llama
+from ..conftest import adapter_of, one_layer, rel_err, tiny_llama
 
 CASES = {"salt": {"ratio": 0.1, "r_lora": 4}}
 VARIANTS = [
@@ -21,17 +20,7 @@ VARIANTS = [
 ]
 
 
-def one_layer(fan_in: int = 24, fan_out: int = 40, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out))
 
-
-def adapter_of(model, name="default"):
-    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def reference_weight(adapter) -> torch.Tensor:

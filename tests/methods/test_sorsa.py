@@ -11,7 +11,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.method import TrainingStep
 from peftlab.methods.sorsa import orthonormal_loss
 
-from ..conftest import tiny_llama
+from ..conftest import adapter_of, one_layer, rel_err, tiny_llama
 
 CASES = {"sorsa": {"r": 4}}
 VARIANTS = [
@@ -20,17 +20,7 @@ VARIANTS = [
 ]
 
 
-def one_layer(fan_in: int = 24, fan_out: int = 40, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out))
 
-
-def adapter_of(model, name="default"):
-    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_init_equals_the_base_and_delta_is_zero():

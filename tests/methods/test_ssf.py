@@ -10,20 +10,13 @@ from peftlab.budget import architecture_config, meta_model
 from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 
-from ..conftest import tiny_bert, tiny_gpt2, tiny_llama
+from ..conftest import perturb_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = {"ssf": {}}
 VARIANTS = [("ssf", {"init": "normal"}), ("ssf", {"shift": False})]
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
-
-def perturb(model, seed=7):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
 def test_count_on_llama2_7b_shapes():
@@ -37,7 +30,7 @@ def test_count_on_llama2_7b_shapes():
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_adapter_is_scale_and_shift_of_the_layer_output_and_merges_into_that_linear(kind):
     model = peftlab.adapt(MODELS[kind](), "ssf")
-    perturb(model)
+    perturb_adapters(model)
     x_by_path = {}
     expected = {}
     with torch.no_grad():
@@ -62,7 +55,7 @@ def test_adapter_is_scale_and_shift_of_the_layer_output_and_merges_into_that_lin
 def test_shift_false_merges_into_the_weight_alone():
     model = peftlab.adapt(tiny_llama(), "ssf", shift=False)
     assert peftlab.trainable_parameter_count(model) == sum(m.out_features for _, m, _ in hosts(model))
-    perturb(model)
+    perturb_adapters(model)
     peftlab.merge(model)
     assert model.model.layers[0].self_attn.q_proj.bias is None
 

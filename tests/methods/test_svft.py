@@ -10,7 +10,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 from peftlab.methods.svft import kept_rank
 
-from ..conftest import tiny_gpt2, tiny_llama
+from ..conftest import adapter_of, one_layer, rel_err, tiny_gpt2, tiny_llama
 
 CASES = {"svft": {}}
 VARIANTS = [
@@ -19,17 +19,7 @@ VARIANTS = [
 ]
 
 
-def one_layer(bias: bool = True, fan_in: int = 24, fan_out: int = 40, seed: int = 0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out, bias=bias))
 
-
-def adapter_of(model, name="default"):
-    return next(slot[name] for _, _, slot in hosts(model) if name in slot)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("forward", ["delta", "factored"])
