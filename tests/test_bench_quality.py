@@ -352,6 +352,17 @@ def test_cli_merges_shards_and_reruns_the_best(tmp_path, capsys):
     assert "need --best-from" in capsys.readouterr().err
 
 
+def test_workers_that_differ_in_their_files_only_are_listed_once(tmp_path):
+    worker = "peftlab bench quality --track decoder --lrs grid --claim-dir /c --output /s/A-{} --skip-done p q"
+    for i in (1, 2):
+        leaderboard.write_results(tmp_path / f"{i}.json", worker.format(i), [worker.format(i)], ranking_rows()[i:i + 1])
+    merged = leaderboard.read_results([tmp_path / "1.json", tmp_path / "2.json"])
+    assert merged["commands"] == ["peftlab bench quality --track decoder --lrs grid --claim-dir <...> --output <...> "
+                                  "--skip-done <...>"]
+    assert leaderboard.canonical_command("peftlab bench quality --merge a.json b.json --output o") == \
+        "peftlab bench quality --merge <...> --output <...>"
+
+
 def test_peft_gets_the_layers_peftlab_adapts():
     model = tiny_llama()
     config = quality.peft_config("lora", "decoder", model)

@@ -12,16 +12,17 @@
 # A 270M model leaves the GPU mostly idle (small kernels, launch-bound), so WORKERS processes run jobs
 # side by side; they share one job list through claim files, and each process starts no job it could
 # not finish within its phase's time budget (jobs in flight finish; `timeout` stops a phase at
-# budget + GRACE seconds, and every finished run is already on disk).
-#   A  every method at the centre of its learning-rate grid, seed SEED, plus the base model;
-#   B  the TOP best (method, impl) pairs of A: the two other rates of their grid (the lr search), then
-#      all three rates with seed SEED2 (two seeds for the top methods).
+# budget + GRACE seconds, and every finished run is already on disk). MPS=1 runs them under CUDA MPS,
+# so their kernels run concurrently instead of taking turns on the GPU.
+#   A  every method at the rates LRS names, seed SEED, plus the base model: LRS=centre gives one run per
+#      method, LRS=grid (the default) the whole lr search, centre rates first;
+#   S  the TOP best (method, impl) pairs after A, at their best rate, with seed SEED2 (two seeds for the
+#      top methods).
+# Each phase leaves out the runs that already succeeded in $OUT/shards (and PRIOR, an earlier sweep's
+# results), so a sweep cut off by a device call's limit is taken up by running the script again.
 #
-# Time, measured on an H100 (2026-11-25, 7 workers, evaluation batches of 256): a job took 90-250 s
-# (training 40-130 s for 204 steps, evaluation 30-90 s), about 20 s of GPU per job overall. Phase A
-# (1 + 35 + 9 = 45 jobs) needs ~15 minutes and phase B with TOP=4 (20 jobs) ~7, more than one device
-# call: run PHASES=A with a budget per call and PRIOR set to the last call's merged JSON (or keep
-# $OUT on a warm machine: claimed jobs are not rerun). Methods PEFT also has run first.
+# Time, measured on an H100 (2026-11-25, 7 workers without MPS, evaluation batches of 256): a job took
+# 90-250 s (training 40-130 s for 204 steps, evaluation 30-90 s), about 20 s of GPU per job overall.
 set -u
 : "${DATA_DIR:?set DATA_DIR to the folder with train_math_3k.json and heldout_*.json}"
 : "${GEMMA_GGUF:?set GEMMA_GGUF to the Gemma 3 270M GGUF file}"
@@ -29,7 +30,7 @@ OUT=${OUT:-/tmp/out}
 WORKERS=${WORKERS:-7}            # ~8-10 GiB each at most (soka 14); 7 fit an 80 GB H100
 METHODS=${METHODS:-all}          # comma list (base = the untrained model) or all
 IMPL=${IMPL:-peftlab,peft}
-LRS=${LRS:-centre}               # phase A: centre | grid | comma list of rates
+LRS=${LRS:-grid}                 # phase A: grid | centre | others | comma list of rates
 EPOCHS=${EPOCHS:-1}
 LIMIT=${LIMIT:-100}              # evaluation records per held-out set
 TRAIN_LIMIT=${TRAIN_LIMIT:-}     # first N training records (empty: all 3,260); for a quick check of the script
@@ -39,12 +40,13 @@ BATCH=${BATCH:-16}
 CUTOFF=${CUTOFF:-256}
 SEED=${SEED:-42}
 SEED2=${SEED2:-43}
-TOP=${TOP:-4}                    # phase B: how many of the best pairs get the lr search and a second seed
-BUDGET_A=${BUDGET_A:-450}
-BUDGET_B=${BUDGET_B:-420}        # 0 skips phase B
+TOP=${TOP:-4}                    # phase S: how many of the best pairs get a second seed
+BUDGET_A=${BUDGET_A:-1200}
+BUDGET_S=${BUDGET_S:-240}
 GRACE=${GRACE:-60}
 PRIOR=${PRIOR:-}                 # a results JSON of an earlier, interrupted sweep: its runs are not redone
-PHASES=${PHASES:-A,B}            # A, B or A,B; a phase run again on the same $OUT takes up the jobs not yet claimed
+PHASES=${PHASES:-A,S}            # A, S or A,S
+MPS=${MPS:-0}
 DATE=${DATE:-$(date +%F)}
 PY=${PYTHON:-python3}
 
@@ -69,28 +71,36 @@ COMMON=(--track decoder --model "$GEMMA_GGUF" --data-dir "$DATA_DIR" --epochs "$
         ${TRAIN_LIMIT:+--train-limit "$TRAIN_LIMIT"})
 MERGED="$OUT/quality-decoder-$DATE"
 
-DONE=()
-if [ -n "$PRIOR" ]; then cp "$PRIOR" "$OUT/shards/prior.json" && DONE=(--skip-done "$OUT/shards/prior.json"); fi
+if [ -n "$PRIOR" ]; then cp "$PRIOR" "$OUT/shards/prior.json" || exit 1; fi
+if [ "$MPS" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT && elapsed "MPS on"
+fi
+nvidia-smi dmon -s um -d 10 > "$OUT/logs/dmon-$START.log" 2>&1 &
+DMON=$!
 
 phase() {  # phase NAME BUDGET ARGS...: WORKERS processes over one job list, then the merged report
-  local name=$1 budget=$2 i
+  local name=$1 budget=$2 i done=() workers=()
   shift 2
+  compgen -G "$OUT/shards/*.json" > /dev/null && done=(--skip-done "$OUT"/shards/*.json)
   for i in $(seq 1 "$WORKERS"); do
-    timeout -k 20 $(( budget + GRACE )) $PY -m peftlab.bench.quality "${COMMON[@]}" "$@" \
-      --claim-dir "$OUT/claims-$name" --time-budget "$budget" --output "$OUT/shards/$name-$i" \
-      > "$OUT/logs/$name-$i.log" 2>&1 &
+    timeout -k 20 $(( budget + GRACE )) $PY -m peftlab.bench.quality "${COMMON[@]}" "$@" "${done[@]}" \
+      --claim-dir "$OUT/claims-$name-$START" --time-budget "$budget" --output "$OUT/shards/$name-$START-$i" \
+      > "$OUT/logs/$name-$START-$i.log" 2>&1 &
+    workers+=($!)
     sleep 2  # staggered starts: model loading and tokenisation do not all hit the disk at once
   done
-  wait
-  grep -h "^decoder " "$OUT"/logs/"$name"-*.log | sort
-  grep -h "Error\|Traceback" "$OUT"/logs/"$name"-*.log | sort | uniq -c | head -20
+  wait "${workers[@]}"
+  grep -h "^decoder " "$OUT"/logs/"$name-$START"-*.log | sort
+  grep -h "Error\|Traceback" "$OUT"/logs/"$name-$START"-*.log | sort | uniq -c | head -20
   $PY -m peftlab.bench.quality --merge "$OUT"/shards/*.json --output "$MERGED" | tail -3
   elapsed "phase $name done"
 }
 
-[[ ",$PHASES," == *,A,* ]] && phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED" "${DONE[@]}"
-if [[ ",$PHASES," == *,B,* ]] && [ "$BUDGET_B" -gt 0 ] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
-  phase B "$BUDGET_B" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --skip-done "$MERGED.json" --lrs grid \
-    --seeds "$SEED,$SEED2"
+[[ ",$PHASES," == *,A,* ]] && phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED"
+if [[ ",$PHASES," == *,S,* ]] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
+  phase S "$BUDGET_S" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --lrs best --seeds "$SEED2"
 fi
+kill "$DMON" 2>/dev/null
 cat "$MERGED.md" 2>/dev/null | head -70

@@ -15,6 +15,7 @@ separate validation set), which flatters every method by a similar amount.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from typing import Any
 from peftlab.core.errors import PeftlabError
 from peftlab.core.files import write_atomically, write_json
 
+# Options naming files and folders of one process (its shard, claims, the results it skips or merges):
+# parallel workers differ only in these, so the report lists their common command once.
+PROCESS_OPTIONS = ("--output", "--claim-dir", "--skip-done", "--merge")
 ROW_KEYS = ("track", "method", "impl", "seed", "lr", "trainable_params", "peak_gib", "wall_s", "accuracy", "avg")
 BASE = "base"
 
@@ -72,6 +76,21 @@ def check_budgets(rows: list[dict[str, Any]]) -> None:
                                f"compare runs of one budget only")
 
 
+def canonical_command(command: str) -> str:
+    """``command`` with the values of ``PROCESS_OPTIONS`` replaced by ``<...>``."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return command
+    kept, skipping = [], False
+    for word in words:
+        if skipping and not word.startswith("--"):
+            continue
+        skipping = word in PROCESS_OPTIONS
+        kept += [word, "<...>"] if skipping else [word]
+    return shlex.join(kept).replace("'<...>'", "<...>")
+
+
 def read_results(paths: list[str | Path]) -> dict[str, Any]:
     """The merged content of result files (later files win, as in ``merge_rows``)."""
     commands, groups = [], []
@@ -82,7 +101,9 @@ def read_results(paths: list[str | Path]) -> dict[str, Any]:
             raise ResultsError(f"cannot read results {path}: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
             raise ResultsError(f"{path} is not a quality result file (no 'rows' list)")
-        commands += [c for c in data.get("commands", [data.get("command")]) if c and c not in commands]
+        for command in data.get("commands", [data.get("command")]):
+            if command and canonical_command(command) not in commands:
+                commands.append(canonical_command(command))
         groups.append(data["rows"])
     return {"commands": commands, "rows": merge_rows(*groups)}
 
@@ -90,7 +111,8 @@ def read_results(paths: list[str | Path]) -> dict[str, Any]:
 def write_results(path: Path, command: str, commands: list[str], rows: list[dict[str, Any]]) -> None:
     ordered = sorted(rows, key=lambda r: (r["track"], r["method"] != BASE, r["method"], r["impl"],
                                           r["lr"] or 0.0, r["seed"]))
-    write_json(path, {"command": command, "commands": commands, "rows": ordered})
+    commands = list(dict.fromkeys(canonical_command(c) for c in commands))
+    write_json(path, {"command": canonical_command(command), "commands": commands, "rows": ordered})
 
 
 # --------------------------------------------------------------------------------------------------
