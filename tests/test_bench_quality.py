@@ -114,6 +114,11 @@ def test_plan_runs_base_then_every_method_once_before_other_rates_and_seeds():
                              chosen={("svft", "peftlab"): 3e-3})
     assert best == [Job("decoder", "svft", "peftlab", 3e-3, 7)]
     assert quality.learning_rates("lora", "1e-4,2e-4") == [1e-4, 2e-4]
+    extended = quality.plan_jobs("decoder", ["lora", "svft", "corda"], ["peftlab"], "extend", [1],
+                                 chosen={("lora", "peftlab"): 1e-3, ("svft", "peftlab"): 3e-4,
+                                         ("corda", "peftlab"): 1e-4})
+    assert [(j.method, j.lr) for j in extended] == [("lora", 3e-3), ("svft", 1e-4)]  # corda's best is inside
+    assert quality.learning_rates("lora", "extend", 3e-3) == [1e-2]  # beyond an extension: one more step
     done = {("decoder", "lora", "peftlab", 3e-4, 1)}
     rest = quality.plan_jobs("decoder", ["lora"], ["peftlab"], "grid", [1], done=done)
     assert [j.lr for j in rest] == [1e-4, 1e-3]

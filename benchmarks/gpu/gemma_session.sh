@@ -17,7 +17,7 @@ FINAL=$OUT
 collect() {
   local deadline=$(( $(date +%s) + ${WAIT:-0} ))
   while [ ! -f /tmp/sweep/finished ] && [ "$(date +%s)" -lt "$deadline" ]; do
-    sleep 30; echo "$(date +%T) finished runs: $(cat /tmp/sweep/logs/[AS]-*.log 2>/dev/null | grep -c '^decoder ')"
+    sleep 30; echo "$(date +%T) finished runs: $(cat /tmp/sweep/logs/[AES]-*.log 2>/dev/null | grep -c '^decoder ')"
   done
   [ -f /tmp/sweep/finished ] && echo "sweep finished"
   PYTHONPATH=$PWD python3 -m peftlab.bench.quality --merge /tmp/sweep/shards/*.json \

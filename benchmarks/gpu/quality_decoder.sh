@@ -16,8 +16,9 @@
 # so their kernels run concurrently instead of taking turns on the GPU.
 #   A  every method at the rates LRS names, seed SEED, plus the base model: LRS=centre gives one run per
 #      method, LRS=grid (the default) the whole lr search, centre rates first;
-#   S  the TOP best (method, impl) pairs after A, at their best rate, with seed SEED2 (two seeds for the
-#      top methods).
+#   E  one rate beyond the grid (--lrs extend) for the pairs whose best rate after A is at its edge;
+#   S  the TOP best (method, impl) pairs after A (and E), at their best rate, with seed(s) SEED2 (two
+#      seeds for the top methods).
 # Each phase leaves out the runs that already succeeded in $OUT/shards (and PRIOR, an earlier sweep's
 # results), so a sweep cut off by a device call's limit is taken up by running the script again.
 #
@@ -42,10 +43,11 @@ SEED=${SEED:-42}
 SEED2=${SEED2:-43}
 TOP=${TOP:-4}                    # phase S: how many of the best pairs get a second seed
 BUDGET_A=${BUDGET_A:-1200}
+BUDGET_E=${BUDGET_E:-420}
 BUDGET_S=${BUDGET_S:-240}
 GRACE=${GRACE:-60}
 PRIOR=${PRIOR:-}                 # a results JSON of an earlier, interrupted sweep: its runs are not redone
-PHASES=${PHASES:-A,S}            # A, S or A,S
+PHASES=${PHASES:-A,E,S}          # any of A, E, S, in that order
 MPS=${MPS:-0}
 DATE=${DATE:-$(date +%F)}
 PY=${PYTHON:-python3}
@@ -72,6 +74,8 @@ COMMON=(--track decoder --model "$GEMMA_GGUF" --data-dir "$DATA_DIR" --epochs "$
 MERGED="$OUT/quality-decoder-$DATE"
 
 if [ -n "$PRIOR" ]; then cp "$PRIOR" "$OUT/shards/prior.json" || exit 1; fi
+# phases E and S read the best rates so far from the merged report
+compgen -G "$OUT/shards/*.json" > /dev/null && $PY -m peftlab.bench.quality --merge "$OUT"/shards/*.json --output "$MERGED" | tail -1
 if [ "$MPS" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -99,6 +103,9 @@ phase() {  # phase NAME BUDGET ARGS...: WORKERS processes over one job list, the
 }
 
 [[ ",$PHASES," == *,A,* ]] && phase A "$BUDGET_A" --methods "$METHODS" --lrs "$LRS" --seeds "$SEED"
+if [[ ",$PHASES," == *,E,* ]] && [ -f "$MERGED.json" ]; then
+  phase E "$BUDGET_E" --methods "$METHODS" --best-from "$MERGED.json" --lrs extend --seeds "$SEED"
+fi
 if [[ ",$PHASES," == *,S,* ]] && [ "$TOP" -gt 0 ] && [ -f "$MERGED.json" ]; then
   phase S "$BUDGET_S" --methods "$METHODS" --best-from "$MERGED.json" --top "$TOP" --lrs best --seeds "$SEED2"
 fi

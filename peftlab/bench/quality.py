@@ -26,7 +26,9 @@ same options, so both adapt the same layers.
 
 Learning rates: each method has a grid of three (``LR_GRIDS``, centred on what its paper or
 official code uses, else on its family's habit); ``--lrs grid`` runs all three, ``centre`` the
-middle one, ``others`` the outer two, ``best`` the best one found in ``--best-from`` files, or give
+middle one, ``others`` the outer two, ``best`` the best one found in ``--best-from`` files,
+``extend`` one step beyond the grid (on the 1-3-10 ladder) for the pairs whose best rate there lies
+at or beyond the grid's edge (a rate at the edge is a lower bound on what the method can do), or give
 explicit values. Jobs run in priority order (base, every method at its first rate, the other rates,
 then further seeds), so a time-limited run (``--time-budget``) still covers every method once.
 
@@ -137,14 +139,24 @@ def learning_rates(method: str, spec: str, best: float | None = None) -> list[fl
         return [centre]
     if spec == "others":
         return [low, high]
-    if spec == "best":
+    if spec in ("best", "extend"):
         if best is None:
-            raise PeftlabError(f"--lrs best: no result for {method} in the --best-from files")
-        return [best]
+            raise PeftlabError(f"--lrs {spec}: no result for {method} in the --best-from files")
+        if spec == "best":
+            return [best]
+        return [next_rate(best, up=True)] if best >= high else [next_rate(best, up=False)] if best <= low else []
     try:
         return [float(v) for v in spec.split(",")]
     except ValueError:
-        raise PeftlabError(f"--lrs takes grid, centre, others, best or numbers, got {spec!r}") from None
+        raise PeftlabError(f"--lrs takes grid, centre, others, best, extend or numbers, got {spec!r}") from None
+
+
+def next_rate(rate: float, up: bool) -> float:
+    """The neighbour of ``rate`` on the ladder 1, 3, 10, 30, ... (x 10^k), as the grids are spaced."""
+    exponent = math.floor(math.log10(rate) + 1e-9)
+    ladder = [m * 10.0 ** e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    position = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / rate)))
+    return float(f"{ladder[position + (1 if up else -1)]:.3g}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -791,7 +803,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--methods", default="all", help="comma list (base = the untrained model), or all")
     add("--exclude", default="", help="comma list of methods to leave out")
     add("--impl", default="peftlab,peft", help="peftlab, peft or both")
-    add("--lrs", default="grid", help="grid | centre | others | best | comma list of rates")
+    add("--lrs", default="grid", help="grid | centre | others | best | extend | comma list of rates")
     add("--seeds", default="42", help="comma list")
     add("--best-from", nargs="+", default=None, metavar="JSON",
         help="result files: run the best (method, impl, lr) found there (with --top, the k best)")
@@ -841,8 +853,8 @@ def _methods(ns: argparse.Namespace) -> list[str]:
 
 def _chosen(ns: argparse.Namespace) -> dict[tuple[str, str], float] | None:
     if not ns.best_from:
-        if ns.top is not None or ns.lrs == "best":
-            raise PeftlabError("--top and --lrs best need --best-from")
+        if ns.top is not None or ns.lrs in ("best", "extend"):
+            raise PeftlabError("--top, --lrs best and --lrs extend need --best-from")
         return None
     rows = [r for r in read_results(ns.best_from)["rows"] if r["track"] == ns.track]
     entries = top_entries(rows, ns.top if ns.top is not None else len(rows), ns.track)
