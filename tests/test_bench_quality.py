@@ -403,3 +403,23 @@ def test_every_method_trains_with_the_decoder_tracks_options(method):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]  # other tasks': None
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def _tiny_minilm():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    # MiniLM-L6's depth and width (6 layers of 384: MoS's pools scale with depth), a narrow MLP for speed
+    config = BertConfig(vocab_size=96, hidden_size=384, intermediate_size=512, num_hidden_layers=6,
+                        num_attention_heads=6, max_position_embeddings=32)
+    return BertModel(config)
+
+
+@pytest.mark.parametrize("method", [m for m in peftlab.methods() if m != "prefix"])  # prefix needs a KV cache
+def test_every_method_trains_with_the_encoder_tracks_options(method):
+    model = _tiny_minilm()
+    batch = {"input_ids": torch.randint(0, 96, (2, 12))}
+    peftlab.adapt(model, method, calibration=[batch], **quality.method_options("encoder", method))
+    model(**batch).last_hidden_state.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

@@ -123,6 +123,8 @@ def method_options(track: str, method: str) -> dict[str, Any]:
         return {"add_bias": True}
     if method == "polyhistor":  # one task here: its task embedding 0 drives every batch
         return {"default_task": 0}
+    if method == "mos" and track == "encoder":  # 6 layers pool 2 x 6 public vectors: r 14 is the most they serve
+        return {"r": 14}
     return {}
 
 
