@@ -72,11 +72,23 @@ def test_internal_loss_ignores_virtual_positions(method, options):
     assert torch.allclose(out.loss, manual, atol=1e-5)
 
 
-def test_prefix_on_an_encoder_is_refused():
+def test_prefix_on_an_encoder_is_attended_to_and_keeps_padding_masked():
     from .conftest import tiny_bert
 
-    with pytest.raises(peftlab.TargetError, match="KV cache"):
-        peftlab.adapt(tiny_bert(), "prefix")
+    model = tiny_bert()
+    peftlab.adapt(model, "prefix", num_virtual_tokens=4)  # K/V probed through a cache handed to BERT
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    other = ids.clone()
+    other[0, :3] = (ids[0, :3] + 1) % VOCAB
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        repadded = model(input_ids=other, attention_mask=mask).last_hidden_state
+        with peftlab.disabled(model):
+            base = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(out[0, 3:], repadded[0, 3:], atol=1e-6) and torch.allclose(out[1], repadded[1])
+    assert (out - base).abs().amax() > 1e-2
 
 
 def test_prompt_init_from_token_ids():

@@ -16,9 +16,10 @@ body (``model.model`` of a CausalLM) and cut its outputs back to the real tokens
 logits and losses line up with input_ids (HF PEFT instead also scores x1 from the last virtual
 token). With a KV cache the
 virtual tokens live in the cache: the first call fills it (and marks it), later calls only shift the
-mask and positions, so ``generate`` works unchanged. Prefix tuning needs a model that takes a KV
-cache (decoder LMs); prompt tuning and P-tuning work on any transformers model that accepts
-``inputs_embeds`` (BERT included).
+mask and positions, so ``generate`` works unchanged. Prefix tuning needs a model whose attention
+reads a KV cache it is given (decoder LMs, and BERT-style encoders, which use a cache passed in
+though they never make one); prompt tuning and P-tuning work on any transformers model that accepts
+``inputs_embeds``.
 
 Initialisation [peftlab]: virtual tokens start at the embeddings of sampled vocabulary tokens
 (Lester et al.'s best simple choice) or of ``init_token_ids``; prefix key/values start at the model's
@@ -312,7 +313,7 @@ class Prefix(ModelMethod):
     def check_model(self, model: nn.Module) -> None:
         _check_embeddable(model, self.name)
         if hf.cache_argument(model) is None or not self._probe(model, torch.zeros(1, dtype=torch.long)):
-            raise TargetError(f"prefix tuning needs a model that keeps a KV cache (a decoder LM); "
+            raise TargetError(f"prefix tuning needs a model whose attention reads a KV cache it is given; "
                               f"{type(model).__name__} does not")
 
     @staticmethod
@@ -321,19 +322,21 @@ class Prefix(ModelMethod):
         from peftlab.core.api import adapters, disabled
 
         device = next(model.parameters()).device
+        # The cache goes in explicitly: encoders (BERT) use a cache they are given but never make one.
+        cache = hf.new_cache(model)
+        inputs = {"input_ids": ids[None].to(device), hf.cache_argument(model): cache, "use_cache": True}
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
                 if adapters(model):
                     with disabled(model):
-                        output = model(input_ids=ids[None].to(device), use_cache=True)
+                        model(**inputs)
                 else:
-                    output = model(input_ids=ids[None].to(device), use_cache=True)
+                    model(**inputs)
         finally:
             model.train(was_training)
-        cache = hf.output_cache(output)
-        if cache is None:
+        if hf.cache_length(cache) == 0:
             return []
         return [torch.stack([k[0], v[0]]).float() for k, v in hf.cache_layers(cache)]
 

@@ -31,7 +31,6 @@ VARIANTS = [
     ("prefix", {"num_virtual_tokens": 4, "projection": 16}),
     ("prefix", {"num_virtual_tokens": 4, "init": "random"}),
 ]
-UNSUPPORTED = {("prefix", "bert")}
 
 
 def first_adapter(model, name="default"):
