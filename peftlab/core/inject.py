@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from .layers import is_conv1d
 from .method import LayerAdapter, MethodConfig, ModelAdapter
 from .targets import ADAPTER_CONTAINER
 
@@ -60,6 +61,15 @@ def _adapted_forward(module: nn.Module, x, *args, **kwargs):
     for name in slot.active:
         call = partial(slot[name], module, base=call)
     return call(x)
+
+
+def folds_into(layer: nn.Module) -> bool:
+    """Whether an adapter's ΔW may ride on the layer's own product, (W + ΔW) x + b, in place of base(x) + ΔW x:
+    the layer is a plain linear one (not quantized), its forward is its class's (no accelerate hook), and no
+    other adapter is active on it (``base`` would then include that adapter)."""
+    slot = slot_of(layer)
+    plain = type(layer) is nn.Linear or is_conv1d(layer)
+    return plain and slot.inner_forward is None and len(slot.active) == 1
 
 
 def attach_layer(module: nn.Module, name: str, adapter: LayerAdapter) -> None:

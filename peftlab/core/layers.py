@@ -68,3 +68,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return nn.functional.linear(x, weight, bias)
+
+
+def add_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """out + scale · x weightᵀ as one addmm: no separate pass over the output in forward or backward."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), weight.to(x.dtype).T, alpha=scale)
+    return flat.view(out.shape)

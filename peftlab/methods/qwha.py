@@ -6,13 +6,22 @@ along the input dimension (the paper's ΔW = F H⁻¹; the code's ``iwht(dense_s
     ΔW = c/N · F · H_N[:, :in]       H_N: Sylvester Hadamard (±1), N = in (next power of two, see below)
                                      c = scaling / √out,   F: n nonzeros (values = the trained spectrum)
 
-    x ──► pad to N ──► WHT (O(N log N) butterfly) ──► F (out x N, n nonzeros) · c/N ──► (+) ──► y
+The transform is fast: H_N = H_a ⊗ H_b (⊗ …) in Sylvester order, so x H_N is one small matmul per factor
+(blocks of at most 128; N = 2048: 64 and 32), a pass over the tensor per block instead of log2 N
+add/subtract passes. Two ways to apply ΔW (``forward``):
 
-Because H is symmetric, ΔW x = c/N · F (H_N pad(x)): the fast path transforms the activations with the
-butterfly (additions only) and applies F, instead of rebuilding ΔW every step. ``forward="dense"``
-rebuilds ΔW with the butterfly on F's rows (the official computation); ``"auto"`` (default) takes
-whichever moves fewer numbers: the activations' butterfly when tokens < out (CPU forward+backward of a
-1024 x 1024 layer, r = 64: 1024 tokens 61 ms vs 60 ms, 4096 tokens 234 ms vs 200 ms; LoRA r = 64: 27/100).
+* ``"dense"`` rebuilds ΔW from F's rows every step (the official computation; out·N·(a + b) multiply-adds
+  each way, whatever the batch). On a plain linear layer with this adapter alone on it, ΔW then rides on the layer's
+  own product, y = (W + ΔW) x + b: a training step adds one product of the layer's size (ΔW's gradient,
+  gᵀx) instead of the three of base(x) + ΔW x (forward, input gradient, ΔW's gradient)::
+
+      F (out x N, n nonzeros) · c/N ──► WHT of the rows ──► [:, :in] ──► + W ──► (W + ΔW) x + b ──► y
+
+* ``"activations"``: H is symmetric, so ΔW x = c/N · F (H_N pad(x)): transform the tokens and apply F
+  (dense, out x N). Cheaper for a handful of tokens (generation), or for fewer tokens than outputs when
+  ΔW cannot ride on W's product.
+
+``"auto"`` (default) counts the multiply-adds of both, of forward and, when training, backward.
 
 Initialisation ("AdaAlloc" + value refinement, ``init="adaalloc"``, the paper's and code's
 ``src/init/initialize.py``). The adapter fits a target ΔW* = W_ref − W_base in the calibrated norm
@@ -58,6 +67,7 @@ Deviations and notes:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,6 +77,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import add_product, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -78,20 +90,37 @@ def next_power_of_two(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def hadamard_blocks(n: int, largest: int = 128) -> list[int]:
+    """Sizes of the Sylvester factors H_n = H_a ⊗ H_b ⊗ …: as few as blocks of at most ``largest`` allow."""
+    bits, most = n.bit_length() - 1, largest.bit_length() - 1
+    parts = max(1, -(-bits // most))
+    return [1 << (bits // parts + (i < bits % parts)) for i in range(parts)]
+
+
+@functools.cache
+def hadamard(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """H_size by Sylvester doubling (±1: exact in any float dtype), kept per dtype and device."""
+    h = torch.ones(1, 1, dtype=dtype, device=device)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh–Hadamard transform over the last dim (length a power of two): x @ H_N.
 
-    H_N[j, k] = (−1)^popcount(j & k) (Sylvester order, symmetric); log2(N) add/subtract passes.
+    H_N[j, k] = (−1)^popcount(j & k) (Sylvester order, symmetric). H_N = H_a ⊗ H_b ⊗ …, so with the
+    index split as (j_a, j_b, …) the transform is H_a along the first split axis, then H_b along the next:
+    one small matmul each (N·(a + b + …) multiply-adds), not log2 N elementwise passes.
     """
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"fwht needs a power-of-two length, got {n}")
-    y, h = x.reshape(-1, n), 1
-    while h < n:
-        y = y.view(-1, n // (2 * h), 2, h)
-        a, b = y[:, :, 0], y[:, :, 1]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
+    y, rest = x.reshape(-1, n), n
+    for size in hadamard_blocks(n):
+        rest //= size
+        block = hadamard(size, x.dtype, x.device)
+        y = y.reshape(-1, size) @ block if rest == 1 else torch.matmul(block, y.reshape(-1, size, rest))
     return y.reshape(x.shape)
 
 
@@ -213,27 +242,37 @@ class QWHAAdapter(LayerAdapter):
     def spectrum_matrix(self, dtype, device) -> torch.Tensor:
         """F scaled by c/N, dense (out x N)."""
         flat = torch.zeros(self.fan_out * self.size, dtype=dtype, device=device)
-        flat = flat.index_put((self.positions.long(),), (self.spectrum * self.coef).to(dtype))
+        flat.index_put_((self.positions.long(),), (self.spectrum * self.coef).to(dtype))  # in place: no copy
         return flat.view(self.fan_out, self.size)
 
-    def use_dense(self, tokens: int) -> bool:
-        """Butterfly on F (out·N·log N) + tokens·out·in, or on the activations (tokens·N·log N + tokens·out·N)."""
+    def dense_delta(self, dtype, device) -> torch.Tensor:
+        delta = fwht(self.spectrum_matrix(dtype, device))
+        return delta if self.size == self.fan_in else delta[:, : self.fan_in]  # a slice's backward copies
+
+    def use_dense(self, tokens: int, folded: bool) -> bool:
+        """Whether rebuilding ΔW multiplies less than transforming the tokens, in forward and, when training,
+        backward. Dense: a transform of F's out rows each way, plus ΔW's products of the layer's size (x,
+        input gradient, ΔW's gradient; only the last when ``folded`` into W's own). Activations: a transform
+        of the tokens each way, plus their products with F (out x N): forward, input and F gradients."""
         if self.forward_mode != "auto":
             return self.forward_mode == "dense"
-        n, log_n = self.size, max(1, self.size.bit_length() - 1)
-        return self.fan_out * n * log_n + tokens * self.fan_out * self.fan_in < tokens * n * (log_n + self.fan_out)
+        backward = int(torch.is_grad_enabled() and self.spectrum.requires_grad)
+        per_row = self.size * sum(hadamard_blocks(self.size))  # one transform of a length-N row
+        products = backward if folded else 1 + 2 * backward
+        dense = (1 + backward) * self.fan_out * per_row + products * tokens * self.fan_out * self.fan_in
+        activations = (1 + backward) * tokens * per_row + (1 + 2 * backward) * tokens * self.fan_out * self.size
+        return dense < activations
 
     def forward(self, layer, x, base):
-        result = base(x)
-        scaled = self.spectrum_matrix(x.dtype, x.device)
-        if self.use_dense(x.numel() // self.fan_in):
-            update = nn.functional.linear(x, fwht(scaled)[:, : self.fan_in])
-        else:  # WHT on the activations, then the sparse spectrum
-            update = nn.functional.linear(fwht(pad_last(x, self.size)), scaled)
-        return result + update
+        folded = folds_into(layer)
+        if self.use_dense(x.numel() // self.fan_in, folded):
+            delta = self.dense_delta(x.dtype, x.device)
+            return linear(x, weight_matrix(layer) + delta, layer.bias) if folded else add_product(base(x), x, delta)
+        transformed = fwht(pad_last(x, self.size))
+        return add_product(base(x), transformed, self.spectrum_matrix(x.dtype, x.device))
 
     def delta_weight(self, layer) -> torch.Tensor:
-        return fwht(self.spectrum_matrix(torch.float32, self.spectrum.device))[:, : self.fan_in]
+        return self.dense_delta(torch.float32, self.spectrum.device)
 
 
 @register
@@ -252,7 +291,8 @@ class QWHA(LayerMethod):
     seed: int = config_field(777, "seed of the random positions (init='random')")
     alloc_power: float = config_field(1.0, "channel budget ∝ ‖WHT of the target column‖^power")
     damping: float = config_field(1e-4, "XᵀX += damping·mean(diag)·I before the fit")
-    forward: str = config_field("auto", "auto | activations (WHT of x, then F) | dense (rebuild ΔW = WHT of F)")
+    forward: str = config_field("auto", "auto | activations (WHT of x, then F) | dense (rebuild ΔW = WHT of F; "
+                                        "(W + ΔW) x on a plain layer alone)")
 
     @property
     def identity_at_init(self) -> bool:  # AdaAlloc starts at the fitted error correction

@@ -9,12 +9,22 @@ arXiv 2502.00987. With m = min(in, out), M = max(in, out), n = ⌈m / r⌉ bases
 
 n·r ≥ m makes the sum full rank. The learned diagonals act on the small side: for a layer with
 in ≤ out, ΔW = B_flat · Â (out x in) with Â = λ ⊙ A ⊙ γ stacked to (r·n) x in; for out < in,
-ΔW = Âᵀ B_flatᵀ. The forward applies the two thin products to the activations::
+ΔW = Âᵀ B_flatᵀ. Two ways to apply it (``forward``):
 
-    x ──► Â (r·n x m) ──► B_flat (M x r·n) ──► · s ──► (+) ──► y       (+ base(x))
+* ``"factored"``: the two products on the activations, the second one summed into base(x) (addmm)::
 
-or, with ``forward="auto"`` when tokens·r·n·(in+out) > M·m·r·n + tokens·in·out, builds ΔW once
-(cheaper for long batches since r·n ≈ m). λ starts at zero (identity at init), γ at 1/max(n, m).
+      x ──► Â (r·n x m) ──► B_flat (M x r·n) ──► (+ base(x)) ──► y
+
+  r·n ≥ m, so the factors are not thin: tokens·r·n·(M + m) multiply-adds, as much as 1.25 to 2 products
+  of the layer's size in forward and 1.5 to 3 in backward.
+* ``"dense"``: build ΔW = B_flat Â (M·m·r·n multiply-adds each way, whatever the batch). On a plain linear
+  layer with this adapter alone on it (and no dropout), ΔW then rides on the layer's own product,
+  y = (W + ΔW) x + b: a training step adds one product of the layer's size (ΔW's gradient, gᵀx) instead of
+  three for base(x) + ΔW x.
+
+``"auto"`` (default) counts the multiply-adds of both, of forward and, when training, backward: a folded
+training step takes the dense path from about m/2 tokens on (square layers; 8m/7 when M = 4m). λ starts
+at zero (identity at init), γ at 1/max(n, m).
 
 Bases. Exactly HF PEFT's ``RandLoraModel._init_randlora_A_randlora_B`` (peft 0.21.2, written by the
 paper's first author): from ``torch.Generator().manual_seed(seed)``, A = kaiming_uniform(a=√5) of
@@ -58,7 +68,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import features, is_linear
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import add_product, features, is_linear, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -131,6 +142,7 @@ class RandLoRAAdapter(LayerAdapter):
         self.fan_in, self.fan_out = fan_in, fan_out
         self.min_dim, self.max_dim = min(fan_in, fan_out), max(fan_in, fan_out)
         self.n = num_bases(self.min_dim, config.r)
+        self.k = self.n * config.r  # rows of Â
         self.scale = config.alpha / config.r / (math.sqrt(self.n) if config.scale_by_bases else 1.0)
         self.forward_mode = config.forward
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -146,32 +158,41 @@ class RandLoRAAdapter(LayerAdapter):
         scaled = ScaledBasis.apply(a, self.randlora_lambda.to(dtype), self.randlora_gamma.to(dtype))
         return scaled.flatten(end_dim=1), b
 
-    def use_dense(self, tokens: int) -> bool:
+    def use_dense(self, tokens: int, folded: bool) -> bool:
+        """Whether building ΔW multiplies less than the factored path, in forward and, when training, backward.
+        Dense: B_flat Â each way, plus ΔW's products of the layer's size (x, input gradient, ΔW's gradient; only
+        the last when ``folded`` into W's own). Factored: x through Â and B_flat, back through both, and Â's
+        gradient (r·n x m)."""
         if self.forward_mode != "auto":
             return self.forward_mode == "dense"
-        k = self.n * self.randlora_lambda.shape[0]
-        dense = self.max_dim * self.min_dim * k + tokens * self.fan_in * self.fan_out
-        return tokens * k * (self.fan_in + self.fan_out) > dense
+        backward = int(torch.is_grad_enabled() and self.randlora_lambda.requires_grad)
+        big, small = self.max_dim, self.min_dim
+        products = backward if folded else 1 + 2 * backward
+        dense = (1 + backward) * big * small * self.k + products * tokens * big * small
+        factored = tokens * self.k * ((1 + backward) * (big + small) + backward * small)
+        return dense < factored
 
     def dense_delta(self, dtype) -> torch.Tensor:
+        """ΔW without s (applied where it costs no extra pass)."""
         scaled, b = self.factors(dtype)
-        delta = b @ scaled if self.min_dim == self.fan_in else scaled.T @ b.T
-        return delta * self.scale
+        return b @ scaled if self.min_dim == self.fan_in else scaled.T @ b.T
 
     def forward(self, layer, x, base):
-        result = base(x)
+        dropped = self.training and isinstance(self.dropout, nn.Dropout)  # then ΔW sees another input than W
+        folded = not dropped and folds_into(layer)
         h = self.dropout(x)
-        if self.use_dense(h.numel() // self.fan_in):
-            return result + nn.functional.linear(h, self.dense_delta(h.dtype))
+        if self.use_dense(h.numel() // self.fan_in, folded):
+            delta = self.dense_delta(h.dtype)
+            if folded:
+                return linear(x, torch.add(weight_matrix(layer), delta, alpha=self.scale), layer.bias)
+            return add_product(base(x), h, delta, self.scale)
         scaled, b = self.factors(h.dtype)
-        if self.min_dim == self.fan_in:  # x Âᵀ B_flatᵀ
-            update = nn.functional.linear(nn.functional.linear(h, scaled), b)
-        else:  # x B_flat Â
-            update = (h @ b) @ scaled
-        return result + update * self.scale
+        if self.min_dim == self.fan_in:  # s (x Âᵀ) B_flatᵀ
+            return add_product(base(x), linear(h, scaled), b, self.scale)
+        return add_product(base(x), h @ b, scaled.T, self.scale)  # s (x B_flat) Â
 
     def delta_weight(self, layer) -> torch.Tensor:
-        return self.dense_delta(torch.float32)
+        return self.dense_delta(torch.float32) * self.scale
 
 
 @register
@@ -192,7 +213,8 @@ class RandLoRA(LayerMethod):
     basis_dims: tuple[int, int] | None = config_field(None, "(max, min) size of the shared bases; None: per layer "
                                                             "shape; PEFT's global size reproduces PEFT exactly")
     scale_by_bases: bool = config_field(False, "official code's s = alpha / r / √n (PEFT: alpha / r)")
-    forward: str = config_field("auto", "auto | factored (two thin products on x) | dense (build ΔW)")
+    forward: str = config_field("auto", "auto | factored (two products on x) | dense (build ΔW; (W + ΔW) x on a "
+                                        "plain layer alone)")
 
     def validate(self) -> None:
         check_positive_ints(self, "r")
