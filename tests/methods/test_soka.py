@@ -12,7 +12,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 from peftlab.methods.soka import balanced_split, kpsvd, rearrange, select_rank
 
-from ..conftest import make_inputs, output_of, tiny_gpt2, tiny_llama
+from ..conftest import adapter_of, make_inputs, one_layer, output_of, perturb_adapters, rel_err, tiny_gpt2, tiny_llama
 
 CASES = {"soka": {}}  # the energy/elbow rule with its defaults (r_max 8) fits the tiny layers
 VARIANTS = [("soka", {"r": 2}), ("soka", {"r_max": 3, "tau": 0.5, "factor_shapes": {"*": [2, 2]}})]
@@ -25,6 +25,11 @@ def adapters_of(model, name="default"):
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def kron_sum(a, b):
+    """Σ_k a_k ⊗ b_k as a dense matrix, with torch.kron: the reference the fast paths are checked against."""
+    return sum(torch.kron(ak, bk) for ak, bk in zip(a, b))
 
 
 def test_rearrangement_matches_torch_kron_and_full_kpsvd_reconstructs():
@@ -66,23 +71,22 @@ def test_init_is_the_base_and_merged_weight_is_w0():
         assert torch.equal(output_of(model, inputs), base)
     for layer, adapter in adapters_of(model):
         w = weight_matrix(layer).detach()
-        w_res = w - adapter.kron_sum(adapter.base_A, adapter.base_B)
-        assert torch.allclose(w_res + adapter.kron_sum(adapter.kron_A, adapter.kron_B), w, atol=1e-6)
+        w_res = w - kron_sum(adapter.base_A, adapter.base_B)
+        assert torch.allclose(w_res + kron_sum(adapter.kron_A, adapter.kron_B), w, atol=1e-6)
         assert torch.count_nonzero(adapter.delta_weight(layer)) == 0
         assert 1 <= adapter.rank <= 8
 
 
-def test_factored_forward_equals_dense_after_perturbing():
+def test_forward_equals_dense_after_perturbing():
     model = peftlab.adapt(tiny_llama(), "soka", r=3)
     mlp, attn = model.model.layers[0].mlp, model.model.layers[0].self_attn
-    for layer in (attn.q_proj, mlp.gate_proj, mlp.down_proj):  # both contraction orders are used
+    for layer in (attn.q_proj, mlp.gate_proj, mlp.down_proj):  # square, wide and tall splits
         adapter = layer.peftlab["default"]
         with torch.no_grad():
             adapter.kron_A.add_(0.1 * torch.randn(adapter.kron_A.shape, generator=gen(4)))
             adapter.kron_B.mul_(1.5)
             w = weight_matrix(layer)
-            dense = w - adapter.kron_sum(adapter.base_A, adapter.base_B) + adapter.kron_sum(adapter.kron_A,
-                                                                                              adapter.kron_B)
+            dense = w - kron_sum(adapter.base_A, adapter.base_B) + kron_sum(adapter.kron_A, adapter.kron_B)
             x = torch.randn(2, 5, layer.in_features, generator=gen(5))
             assert torch.allclose(layer(x), x @ dense.T, atol=1e-5)
             assert torch.allclose(w + adapter.delta_weight(layer), dense, atol=1e-6)
@@ -94,6 +98,28 @@ def test_factored_forward_equals_dense_after_perturbing():
         adapter.kron_B.add_(0.2)
         x = torch.randn(3, 32, generator=gen(6))
         assert torch.allclose(layer(x), x @ (layer.weight.T + adapter.delta_weight(layer)).T + layer.bias, atol=1e-5)
+
+
+def test_forward_and_gradients_match_the_spec_formula():
+    """y = W_res x + b + Σ_k vec(Â_k X B̂_kᵀ) (the spec's einsum), W_res = W0 − Σ_k Â0_k ⊗ B̂0_k: outputs and
+    the gradients of x and both factors, away from init, in fp32."""
+    model = peftlab.adapt(one_layer(24, 40), "soka", r=3)
+    layer, adapter = model[0], adapter_of(model)
+    assert adapter.shape == (5, 4, 8, 6)  # 40 = 5·8, 24 = 4·6
+    perturb_adapters(model)
+    a, b = (t.detach().clone().requires_grad_() for t in (adapter.kron_A, adapter.kron_B))
+    x = torch.randn(3, 7, 24, generator=gen(8), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_res = layer.weight.detach() - kron_sum(adapter.base_A, adapter.base_B)
+    terms = torch.einsum("kmn,...nq,kpq->...mp", a, x_ref.reshape(3, 7, 4, 6), b).reshape(3, 7, 40)
+    expected = x_ref @ w_res.T + layer.bias.detach() + terms
+    out = model(x)
+    probe = torch.randn(expected.shape, generator=gen(9))
+    (out * probe).sum().backward()
+    (expected * probe).sum().backward()
+    assert rel_err(out, expected) < 1e-6
+    for got, want in ((x.grad, x_ref.grad), (adapter.kron_A.grad, a.grad), (adapter.kron_B.grad, b.grad)):
+        assert rel_err(got, want) < 1e-6
 
 
 def test_rank_rule_on_synthetic_spectra():
