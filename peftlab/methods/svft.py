@@ -16,13 +16,18 @@ Trainable parameters per adapted layer: k = min(in, out) (with ``rank_ratio`` ρ
 k = ⌊⌊min(in, out)·ρ⌋ / m⌋·m clamped to [1, min(in, out)], m = ``rank_multiple``). A 4096 x 4096
 layer: 4,096; CLIP ViT-B/16, every block linear of both towers: 92,160.
 
-Forward paths (same function when k = min(in, out)):
+Forwards (same function when k = min(in, out), up to the SVD round-off of W0: ~1e-6 relative in fp32;
+in bf16, the rounding of U and Vᵀ):
 
-* ``forward="delta"`` (default): y = base(x) + U((s − σ) ⊙ Vᵀx). Exactly the base output at init
-  (s − σ = 0), stackable with other adapters, never forms an out x in matrix.
-* ``forward="factored"``: y = U(s ⊙ Vᵀx) + b, the official code's computation (two thin matmuls,
-  W0 not used; equal to the base at init up to SVD round-off, ~1e-6 relative in fp32). It reads the
-  layer's bias instead of calling ``base``, so it cannot be stacked with another adapter.
+* ``forward="factored"`` (default): y = U(s ⊙ Vᵀx) + b, the official code's computation: two thin
+  products, k·(in + out) multiply-adds per token in place of the base layer's in·out (W0 not used).
+  It reads the layer's bias instead of calling ``base``, so it cannot be stacked with another adapter;
+  s is cast to the activations' dtype, as mixed precision casts any weight.
+* ``forward="delta"``: y = base(x) + U((s − σ) ⊙ Vᵀx). Exactly the base output at init (s − σ = 0),
+  stackable with other adapters, never forms an out x in matrix; but the k-rank update comes on top of
+  the base product: Llama-3.2-1B's training step (H200, bf16, 8 x 1024 tokens) takes 1.47x LoRA's,
+  against 1.06x with ``factored``. The change s − σ is formed in fp32 before the cast to the
+  activations' dtype, so in bf16 it is not rounded against σ.
 
 A layer whose k is below min(in, out) (ρ < 1, or a ``rank_multiple`` that rounds k down) is
 truncated as in the official code: W0's tail directions are dropped, not kept as a residual. Such a
@@ -64,7 +69,7 @@ from peftlab.core.layers import linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
-FORWARDS = ("delta", "factored")
+FORWARDS = ("factored", "delta")
 
 
 def kept_rank(in_features: int, out_features: int, ratio: float, multiple: int) -> int:
@@ -117,7 +122,8 @@ class CLIPSVD(LayerMethod):
 
     rank_ratio: float = config_field(1.0, "ρ: keep k = ⌊min(in, out)·ρ⌋ singular values; ρ < 1 truncates W0 (lossy)")
     rank_multiple: int = config_field(1, "round k down to a multiple of this (official code: 4)")
-    forward: str = config_field("delta", "delta: base(x) + U((s−σ)⊙Vᵀx) | factored: U(s⊙Vᵀx) + b (the code's)")
+    forward: str = config_field("factored", "factored: U(s⊙Vᵀx) + b (the code's) | delta: base(x) + U((s−σ)⊙Vᵀx) "
+                                            "(exactly the base at init, stackable; slower)")
 
     @property
     def identity_at_init(self) -> bool:  # truncation (ρ < 1 or rounding) changes the model at init

@@ -17,6 +17,7 @@ CASES = {"salt": {"ratio": 0.1, "r_lora": 4}}
 VARIANTS = [
     ("salt", {"ratio": 0.25, "r_lora": 4, "path": "subspace", "seed": None}),
     ("salt", {"ratio": 0.1, "r_lora": 4, "reg_multiplier": 1e-2}),
+    ("salt", {"ratio": 0.1, "r_lora": 4, "forward": "delta"}),
 ]
 
 
@@ -33,17 +34,62 @@ def reference_weight(adapter) -> torch.Tensor:
     return adapter.u @ torch.relu(new_s) @ adapter.vh
 
 
-@pytest.mark.parametrize("path", ["dense", "subspace"])
-def test_init_equals_the_base(path):
+@pytest.mark.parametrize("forward", ["direct", "delta"])
+@pytest.mark.parametrize("path", ["auto", "dense", "folded", "subspace"])
+def test_init_equals_the_base(path, forward):
     model = one_layer()
     x = torch.randn(5, 24)
     with torch.no_grad():
         base = model(x)
-        peftlab.adapt(model, "salt", path=path)
+        peftlab.adapt(model, "salt", path=path, forward=forward)
         assert rel_err(model(x), base) <= 1e-5
     adapter = adapter_of(model)
-    assert torch.count_nonzero(adapter.delta_weight(model[0])) == 0
+    assert adapter.stackable == (forward == "delta")
+    if forward == "delta":  # exactly the base: the spectral change is zero, not just small
+        assert torch.count_nonzero(adapter.delta_weight(model[0])) == 0
     assert torch.equal(adapter.scale, torch.ones(2)) and torch.count_nonzero(adapter.shift) == 0
+
+
+@pytest.mark.parametrize("forward", ["direct", "delta"])
+@pytest.mark.parametrize("path", ["dense", "folded", "subspace"])
+@pytest.mark.parametrize("fan_in, fan_out", [(24, 40), (40, 24), (24, 24)])
+def test_every_path_is_the_dense_formula_with_its_gradients(fan_in, fan_out, path, forward):
+    """Outputs and gradients of each product order equal (W0 + ΔW) x + b with ΔW = U ReLU(Σ') Vᵀ − W0 built
+    densely as the reference does (direct), or U (ReLU(Σ') − diag σ) Vᵀ (delta)."""
+    model = one_layer(fan_in, fan_out)
+    adapter = adapter_of(peftlab.adapt(model, "salt", ratio=0.25, r_lora=3, path=path, forward=forward))
+    with torch.no_grad():
+        adapter.Y.normal_(std=0.3)  # negative entries in X Y, so the ReLU bites off the diagonal
+        adapter.scale.uniform_(-1.0, 2.0)
+        adapter.shift.normal_(std=0.1)
+        adapter.shift[0] = -2 * adapter.sigma[0]  # a top value clipped to 0
+    layer = model[0]
+    x = torch.randn(2, 5, fan_in, requires_grad=True)
+    weights = torch.randn(2, 5, fan_out)
+    params = [adapter.scale, adapter.shift, adapter.X, adapter.Y, x]
+
+    out = model(x)
+    fast = torch.autograd.grad((out * weights).sum(), params)
+    w0 = layer.weight.detach()
+    spectral = reference_weight(adapter)
+    if forward == "delta":
+        spectral = w0 + spectral - (adapter.u * adapter.sigma) @ adapter.vh
+    expected = x @ spectral.T + layer.bias
+    slow = torch.autograd.grad((expected * weights).sum(), params)
+    assert rel_err(out, expected) <= 1e-6
+    for got, want in zip(fast, slow):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_auto_folds_calls_longer_than_k_and_uses_the_cache_in_eval():
+    model = peftlab.adapt(one_layer(), "salt")  # k = 24
+    adapter = adapter_of(model)
+    model.train()
+    assert adapter._path(25) == "folded" and adapter._path(24) == "subspace"
+    model.eval()
+    with torch.no_grad():
+        assert adapter._path(25) == "dense"
+    assert adapter._path(25) == "folded"  # gradients tracked: the product is rebuilt, folding is cheaper
 
 
 def test_reference_init_of_x():
@@ -96,12 +142,11 @@ def test_relu_acts_on_every_entry_of_the_tail_block():
     w0 = model[0].weight.detach()
     reference = reference_weight(adapter)
     assert torch.allclose(w0 + adapter.delta_weight(model[0]), reference, atol=1e-5)
-    with torch.no_grad():
-        dense = model(x)
-        adapter.path = "subspace"
-        subspace = model(x)
     expected = x @ reference.T + model[0].bias
-    assert rel_err(dense, expected) <= 1e-5 and rel_err(subspace, expected) <= 1e-5
+    with torch.no_grad():
+        for path in ("dense", "folded", "subspace"):
+            adapter.path = path
+            assert rel_err(model(x), expected) <= 1e-5, path
     assert torch.allclose(adapter.singular_matrix(), torch.relu(adapter.u.T @ reference @ adapter.vh.T), atol=1e-5)
 
 
@@ -168,7 +213,7 @@ def test_v1_init_is_not_identity():
 
 
 @pytest.mark.parametrize("options", [{"ratio": 0.0}, {"ratio": 1.1}, {"r_lora": 0}, {"reg_multiplier": -1.0},
-                                     {"init": "v2"}, {"path": "factored"}, {"seed": 1.5}])
+                                     {"init": "v2"}, {"path": "factored"}, {"seed": 1.5}, {"forward": "factored"}])
 def test_bad_options_raise(options):
     with pytest.raises(peftlab.ConfigError):
         peftlab.method_class("salt")(**options)

@@ -14,7 +14,7 @@ from ..conftest import adapter_of, one_layer, rel_err, tiny_gpt2, tiny_llama
 
 CASES = {"svft": {}}
 VARIANTS = [
-    ("svft", {"forward": "factored"}),
+    ("svft", {"forward": "delta"}),
     ("svft", {"rank_ratio": 0.5, "rank_multiple": 4}),  # truncated, as the official code with --rank 0.5
 ]
 
@@ -111,13 +111,35 @@ def test_truncation_follows_the_official_rounding():
 
 
 def test_forward_never_forms_the_dense_matrix_in_delta_mode():
-    model = peftlab.adapt(one_layer(), "svft")
+    model = peftlab.adapt(one_layer(), "svft", forward="delta")
     adapter = adapter_of(model)
     assert adapter.stackable  # delta mode calls base
     assert adapter.u.shape == (40, 24) and adapter.vh.shape == (24, 24)
     assert all(b is not None for b in (adapter.u, adapter.vh, adapter.sigma))
     assert not any(n for n, _ in adapter.named_buffers() if n in adapter.state_dict())  # recomputed on load
     assert weight_matrix(model[0]).requires_grad is False
+
+
+@pytest.mark.parametrize("forward", ["factored", "delta"])
+@pytest.mark.parametrize("fan_in, fan_out", [(24, 40), (40, 24)])
+def test_forward_is_the_dense_formula_with_its_gradients(fan_in, fan_out, forward):
+    """Outputs and gradients (s, x) of both forwards equal (W0 + U diag(s − σ) Vᵀ) x + b formed densely."""
+    model = one_layer(fan_in, fan_out)
+    adapter = adapter_of(peftlab.adapt(model, "svft", forward=forward))
+    assert adapter.stackable == (forward == "delta")
+    with torch.no_grad():
+        adapter.s.mul_(torch.linspace(-0.5, 2.0, adapter.s.numel()))
+    layer = model[0]
+    x = torch.randn(2, 5, fan_in, requires_grad=True)
+    weights = torch.randn(2, 5, fan_out)
+    out = model(x)
+    fast = torch.autograd.grad((out * weights).sum(), [adapter.s, x])
+    delta = (adapter.u * (adapter.s - adapter.sigma)) @ adapter.vh
+    expected = x @ (layer.weight.detach() + delta).T + layer.bias
+    slow = torch.autograd.grad((expected * weights).sum(), [adapter.s, x])
+    assert rel_err(out, expected) <= 1e-5  # factored: up to the SVD round-off of W0
+    for got, want in zip(fast, slow):
+        assert rel_err(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("options", [{"rank_ratio": 0.0}, {"rank_ratio": 1.5}, {"rank_multiple": 0},
