@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -173,12 +174,27 @@ def fingerprint(model: nn.Module, paths: list[str]) -> str:
     """A short hash of a sample of the base weights the adapter sits on."""
     digest = hashlib.sha256()
     for path in sorted(paths)[:8]:
-        weight = getattr(model.get_submodule(path), "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        sample = weight.detach().reshape(-1)[:512].float().cpu()
-        digest.update(sample.numpy().round(4).tobytes())
+        sample = _weight_sample(model.get_submodule(path))
+        if sample is not None:
+            digest.update(sample.numpy().round(4).tobytes())
     return digest.hexdigest()[:16]
+
+
+_pinned_samples: weakref.WeakKeyDictionary[nn.Module, torch.Tensor | None] = weakref.WeakKeyDictionary()
+
+
+def _weight_sample(module: nn.Module) -> torch.Tensor | None:
+    if module in _pinned_samples:
+        return _pinned_samples[module]
+    weight = getattr(module, "weight", None)
+    return weight.detach().reshape(-1)[:512].float().cpu() if isinstance(weight, torch.Tensor) else None
+
+
+def pin_weight_samples(model: nn.Module) -> None:
+    """Take the fingerprint's weight samples now, for weights about to be sharded across processes: afterwards
+    no single rank holds a whole weight, and the rank that saves cannot gather one alone."""
+    for module in model.modules():
+        _pinned_samples[module] = _weight_sample(module)
 
 
 # --------------------------------------------------------------------------------------------------

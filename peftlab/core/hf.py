@@ -20,6 +20,12 @@ def backbone_path(model: nn.Module) -> str:
     return prefix if isinstance(inner, nn.Module) and inner is not model else ""
 
 
+def repeated_blocks(body: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``body``: its longest ModuleList whose entries share one class (empty if none)."""
+    blocks = max((m for m in body.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    return list(blocks) if blocks is not None and len({type(b) for b in blocks}) == 1 else []
+
+
 def forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(type(model).forward).parameters)
 

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 
 from peftlab.core.errors import PeftlabError
+from peftlab.core.files import pin_weight_samples
+from peftlab.core.hf import backbone_path, repeated_blocks
 
 
 def environment_world_size() -> int:
@@ -123,6 +125,52 @@ class Distributed:
             derived = seed * 1_000_003 + self.rank
             random.seed(derived)
             torch.manual_seed(derived)
+
+
+def shard_frozen_base(model: torch.nn.Module, job: Distributed) -> int:
+    """Split the frozen weights of every transformer block across the ranks (FSDP2 ``fully_shard``); returns
+    the number of blocks sharded.
+
+    Each block's frozen parameters become 1/world_size shards on the rank's device, gathered for that block's
+    forward and again for its backward, then freed. The trainable (adapter) parameters are left out of the
+    shards (``ignored_params``): they stay whole on every rank, so the gradient reduction, clipping, method
+    hooks, the optimizer and checkpoints work as in plain data parallelism. Weights outside the blocks
+    (embeddings, final norm, output head: tied ones among them) stay whole too; the body is made the FSDP
+    root so that one forward drives the blocks' gathers. Everything not sharded moves to the rank's device.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    path = backbone_path(model)
+    body = model.get_submodule(path) if path else model
+    blocks = repeated_blocks(body)
+    if not blocks:
+        raise PeftlabError(f"shard: {type(model).__name__} has no list of repeated transformer blocks to shard")
+    pin_weight_samples(model)  # rank 0 saves adapters alone, and their files record a sample of the base
+    mesh = init_device_mesh(job.device.type, (job.world_size,))
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    in_blocks: set[torch.nn.Parameter] = set()
+    for block in blocks:
+        own = set(block.parameters())
+        fully_shard(block, mesh=mesh, ignored_params=own & trainable)
+        in_blocks |= own
+    fully_shard(body, mesh=mesh, ignored_params=(set(body.parameters()) - in_blocks) | trainable)
+    _move_unsharded(model, job.device)
+    return len(blocks)
+
+
+def _move_unsharded(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the parameters and buffers that FSDP left whole to ``device``, keeping each Parameter object."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if not isinstance(param, DTensor) and param.device != device:
+                param.data = param.data.to(device)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.device != device:
+                    setattr(module, name, buffer.to(device))
 
 
 def from_environment() -> Distributed:

@@ -73,6 +73,7 @@ class TrainArgs:
     packing: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
+    shard: bool = False  # under torchrun: split the frozen transformer blocks across ranks (FSDP2)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
     keep_checkpoints: int = 2
@@ -89,6 +90,8 @@ class TrainArgs:
             raise PeftlabError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise PeftlabError("set epochs > 0 or max_steps > 0")
+        if self.shard and self.compile:
+            raise PeftlabError("shard and compile together are not supported: choose one")
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -161,17 +164,24 @@ class Trainer:
         self.custom_attach = attach
         self.output = Path(args.output)
         self.checkpoints = self.output / "checkpoints"
+        self.sharded = args.shard and self.dist.enabled
         if model is None:
             from peftlab.models import load_model
 
-            model, tokenizer = load_model(args.model)
-        if self.dist.enabled and next(model.parameters()).device != self.dist.device:
+            # Sharded runs load into host memory: the rank's device then receives only its shards.
+            gpu_dtype = torch.bfloat16 if torch.cuda.is_available() else None
+            model, tokenizer = (load_model(args.model, device="cpu", dtype=gpu_dtype) if self.sharded
+                                else load_model(args.model))
+        if self.dist.enabled and not self.sharded and next(model.parameters()).device != self.dist.device:
             model.to(self.dist.device)  # each rank on its own GPU, whatever device the caller loaded to
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+        self._place(next(model.parameters()).device)
         self._prepare_data()
+
+    def _place(self, device: torch.device) -> None:
+        """Where batches go, and the autocast that goes with it."""
+        self.device = device
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # ---------------------------------------------------------------------------------------- data
 
@@ -270,6 +280,9 @@ class Trainer:
         resumed = self._attach()
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:  # after attaching: adapters (and calibration) see the whole base
+            distributed.shard_frozen_base(self.model, self.dist)
+            self._place(self.dist.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.dist.broadcast_parameters(params)
         if resumed is None:
