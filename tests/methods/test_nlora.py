@@ -17,7 +17,7 @@ CASES = {"nlora": {"r": 8, "alpha": 8.0}}
 VARIANTS = [
     ("nlora", {"r": 8, "alpha": 8.0, "variant": "slora"}),
     ("nlora", {"r": 8, "alpha": 64.0, "variant": "inttune"}),  # W0 blocks are ~0.02: a larger s lets N move W
-    ("nlora", {"r": 8, "alpha": 8.0, "residual": True, "nystrom_pinv": True}),
+    ("nlora", {"r": 8, "alpha": 1.0, "residual": True, "nystrom_pinv": True}),  # N = pinv(W0 block) ~ 1/|W0|: small s
     ("nlora", {"r": 8, "alpha": 64.0, "variant": "inttune", "residual": True}),
 ]
 TRAIN_LR = {"nlora": 1e-2}
