@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -29,3 +30,15 @@ def test_the_command_line_hands_bench_options_to_the_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "speed", "--help"])
     assert exit_info.value.code == 0 and "--shapes" in capsys.readouterr().out
+
+
+def test_distributed_step_script_runs_one_process_on_the_cpu(tmp_path):
+    """The 2-GPU benchmark's harness (benchmarks/distributed_step.py), in one process: a row with the losses."""
+    from benchmarks import distributed_step
+
+    out = tmp_path / "rows.jsonl"
+    distributed_step.main(["--shape", "tiny-llama", "--micro", "2", "--seq", "16", "--global-micro", "2",
+                           "--warmup", "1", "--steps", "2", "--device", "cpu", "--lr", "1e-2", "--output", str(out)])
+    row = json.loads(out.read_text())
+    assert row["world_size"] == 1 and not row["shard"] and row["tok_s"] > 0
+    assert len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])
