@@ -11,7 +11,10 @@ each is reported, and the ratio method / LoRA.
 
 This is a proxy for the GPU numbers, not a substitute: a CPU has no launch overhead and different
 matmul/elementwise speed ratios, but avoidable dense rebuilds, gathers, fp32 copies of activations and
-einsum intermediates show up on both.
+einsum intermediates show up on both. The ``ops`` column covers what the CPU hides: the ATen operations
+one step dispatches (forward and backward, views excluded), each about one kernel launch on a GPU. In
+eager mode on the 1B shape every adapted layer's launches add up (112 layers, a few µs each), and the
+zoo's eager step times tracked this count (benchmarks/results/speed-2026-11-25.md).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
 from peftlab.bench.speed import OPTIONS
@@ -55,6 +59,32 @@ def build_step(method: str, fan_in: int, fan_out: int, dtype: torch.dtype, token
     return step
 
 
+_FREE = {torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default,  # no kernel behind these
+         torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operations that do work (views and metadata changes excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (torch.Tag.view_copy in func.tags or func.is_view or func in _FREE):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(method: str, fan_in: int, fan_out: int, dtype: torch.dtype, tokens: int) -> int:
+    """ATen operations of one training step of ``method`` (after a warm-up step: lazy caches are built)."""
+    step = build_step(method, fan_in, fan_out, dtype, tokens)
+    step()
+    with _OpCounter() as counter:
+        step()
+    return counter.count
+
+
 def paired_ms(method: str, fan_in: int, fan_out: int, dtype: torch.dtype, tokens: int,
               repeats: int) -> tuple[float, float]:
     """Median milliseconds of (method, LoRA) steps, alternated so that load from other processes on a
@@ -82,14 +112,15 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    print(f"{'method':<14}{'shape':>12}{'dtype':>10}{'ms':>10}{'lora ms':>10}{'ratio':>8}")
+    print(f"{'method':<14}{'shape':>12}{'dtype':>10}{'ms':>10}{'lora ms':>10}{'ratio':>8}{'ops':>6}{'lora':>6}")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         for fan_in, fan_out in shapes:
             for method in args.methods.split(","):
                 ms, lora = paired_ms(method, fan_in, fan_out, dtype, args.tokens, args.repeats)
+                ops, lora_ops = (step_ops(m, fan_in, fan_out, dtype, 16) for m in (method, "lora"))
                 print(f"{method:<14}{f'{fan_in}x{fan_out}':>12}{dtype_name:>10}{ms:>10.1f}{lora:>10.1f}"
-                      f"{ms / lora:>8.2f}", flush=True)
+                      f"{ms / lora:>8.2f}{ops:>6}{lora_ops:>6}", flush=True)
 
 
 if __name__ == "__main__":
