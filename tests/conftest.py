@@ -125,3 +125,38 @@ def perturb_adapters(model, seed: int = 7) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def stack_under_lora(model) -> None:
+    """Put a zero-initialised LoRA under adapter "default": each layer still computes W x + b, but the adapter
+    is no longer alone on it (so it cannot fold its ΔW into the layer's own product)."""
+    import peftlab
+
+    peftlab.adapt(model, "lora", r=2, name="below")
+    peftlab.use(model, ["below", "default"])
+
+
+def dense_reference(layer, x: torch.Tensor, probe: torch.Tensor, delta: torch.Tensor):
+    """(W + ΔW) x + b in fp64 for an fp64 ``delta`` (built from leaves that require grad), backwarded against
+    ``probe``; returns (output, the fp64 copy of ``x`` that holds its gradient)."""
+    from peftlab.core.layers import weight_matrix
+
+    x64 = x.detach().double().requires_grad_()
+    bias = None if layer.bias is None else layer.bias.double()
+    expected = torch.nn.functional.linear(x64, weight_matrix(layer).double() + delta, bias)
+    (expected * probe.double()).sum().backward()
+    return expected, x64
+
+
+def assert_close_fp64(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """``got`` (any float dtype) within 1e-5 of an fp64 ``expected``, relative to its largest entry."""
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def backward_through(layer, fan_in: int, fan_out: int, gen: torch.Generator):
+    """A random (5, 7, fan_in) input through ``layer``, backwarded against a random probe: (x, probe, y)."""
+    x = torch.randn(5, 7, fan_in, generator=gen).requires_grad_()
+    probe = torch.randn(5, 7, fan_out, generator=gen)
+    y = layer(x)
+    (y * probe).sum().backward()
+    return x, probe, y

@@ -9,12 +9,20 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.inject import hosts
+from peftlab.core.inject import folds_into, hosts
 from peftlab.core.layers import weight_matrix
 from peftlab.methods.qwha import allocate, fwht, hadamard_columns, next_power_of_two
-from peftlab.methods.randlora import folds_into
 
-from ..conftest import make_inputs, output_of, tiny_gpt2, tiny_llama
+from ..conftest import (
+    assert_close_fp64,
+    backward_through,
+    dense_reference,
+    make_inputs,
+    output_of,
+    stack_under_lora,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 
 class NoisyReference:
@@ -101,10 +109,6 @@ def test_fast_path_equals_the_dense_inverse_wht(forward):
     assert (48, 64) in sizes  # down_proj: zero-padded to the next power of two
 
 
-def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d-bias"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
 @pytest.mark.parametrize("forward", ["auto", "activations", "dense"])
@@ -114,29 +118,22 @@ def test_training_paths_are_the_dense_formula_with_gradients(forward, stacked, m
     (under another adapter), or the tokens transformed."""
     model = peftlab.adapt(make(), "qwha", r=2, init="random", forward=forward)
     if stacked:
-        peftlab.adapt(model, "lora", r=2, name="below")  # LoRA starts at zero: the layer is still W x + b
-        peftlab.use(model, ["below", "default"])
+        stack_under_lora(model)
     gen = torch.Generator().manual_seed(0)
     for layer, adapter in adapters_of(model):
         with torch.no_grad():
             adapter.spectrum.copy_(torch.randn(adapter.spectrum.shape, generator=gen))
-        x = torch.randn(5, 7, adapter.fan_in, generator=gen).requires_grad_()
-        probe = torch.randn(5, 7, adapter.fan_out, generator=gen)
         assert folds_into(layer) is not stacked
-        y = layer(x)
-        (y * probe).sum().backward()
+        x, probe, y = backward_through(layer, adapter.fan_in, adapter.fan_out, gen)
 
-        x64 = x.detach().double().requires_grad_()
         spectrum = adapter.spectrum.detach().double().requires_grad_()
         dense = torch.zeros(adapter.fan_out * adapter.size, dtype=torch.float64).index_put(
             (adapter.positions.long(),), spectrum).view(adapter.fan_out, adapter.size)
         delta = adapter.coef * (dense @ sylvester(adapter.size))[:, : adapter.fan_in]
-        bias = None if layer.bias is None else layer.bias.double()
-        expected = torch.nn.functional.linear(x64, weight_matrix(layer).double() + delta, bias)
-        (expected * probe.double()).sum().backward()
-        assert_close(y, expected)
-        assert_close(x.grad, x64.grad)
-        assert_close(adapter.spectrum.grad, spectrum.grad)
+        expected, x64 = dense_reference(layer, x, probe, delta)
+        assert_close_fp64(y, expected)
+        assert_close_fp64(x.grad, x64.grad)
+        assert_close_fp64(adapter.spectrum.grad, spectrum.grad)
 
 
 def test_random_init_is_the_codes_seeded_permutation():

@@ -8,11 +8,19 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.core.inject import hosts
-from peftlab.core.layers import weight_matrix
-from peftlab.methods.randlora import folds_into, peft_basis_dims
+from peftlab.core.inject import folds_into, hosts
+from peftlab.methods.randlora import peft_basis_dims
 
-from ..conftest import make_inputs, output_of, tiny_gpt2, tiny_llama
+from ..conftest import (
+    assert_close_fp64,
+    backward_through,
+    dense_reference,
+    make_inputs,
+    output_of,
+    stack_under_lora,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 CASES = {"randlora": {"r": 4, "alpha": 80.0}}
 VARIANTS = [
@@ -118,10 +126,6 @@ def test_factored_and_dense_paths_agree_and_the_update_is_full_rank():
         assert torch.linalg.matrix_rank(a.delta_weight(la)) == min(a.fan_in, a.fan_out)
 
 
-def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d-bias"])
 @pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
 @pytest.mark.parametrize("forward", ["auto", "factored", "dense"])
@@ -131,20 +135,15 @@ def test_training_paths_are_the_dense_formula_with_gradients(forward, stacked, m
     layer), added to base(x) (under another adapter), or the two factors applied to x."""
     model = peftlab.adapt(make(), "randlora", r=4, alpha=80.0, forward=forward)
     if stacked:
-        peftlab.adapt(model, "lora", r=2, name="below")  # LoRA starts at zero: the layer is still W x + b
-        peftlab.use(model, ["below", "default"])
+        stack_under_lora(model)
     gen = torch.Generator().manual_seed(0)
     for _, layer, adapter in adapters_of(model):
         with torch.no_grad():
             adapter.randlora_lambda.copy_(torch.randn(adapter.randlora_lambda.shape, generator=gen))
             adapter.randlora_gamma.copy_(torch.randn(adapter.randlora_gamma.shape, generator=gen))
-        x = torch.randn(5, 7, adapter.fan_in, generator=gen).requires_grad_()
-        probe = torch.randn(5, 7, adapter.fan_out, generator=gen)
         assert folds_into(layer) is not stacked
-        y = layer(x)
-        (y * probe).sum().backward()
+        x, probe, y = backward_through(layer, adapter.fan_in, adapter.fan_out, gen)
 
-        x64 = x.detach().double().requires_grad_()
         lam = adapter.randlora_lambda.detach().double().requires_grad_()
         gamma = adapter.randlora_gamma.detach().double().requires_grad_()
         a = adapter.bases.a[:, 0, : adapter.min_dim].double()  # r x m
@@ -152,13 +151,11 @@ def test_training_paths_are_the_dense_formula_with_gradients(forward, stacked, m
         scaled = torch.einsum("kb,kj,bj->kbj", lam, a, gamma).flatten(end_dim=1)  # r·n x m
         delta = adapter.scale * (b @ scaled)  # M x m
         delta = delta if adapter.fan_in == adapter.min_dim else delta.T
-        bias = None if layer.bias is None else layer.bias.double()
-        expected = torch.nn.functional.linear(x64, weight_matrix(layer).double() + delta, bias)
-        (expected * probe.double()).sum().backward()
-        assert_close(y, expected)
-        assert_close(x.grad, x64.grad)
-        assert_close(adapter.randlora_lambda.grad, lam.grad)
-        assert_close(adapter.randlora_gamma.grad, gamma.grad)
+        expected, x64 = dense_reference(layer, x, probe, delta)
+        assert_close_fp64(y, expected)
+        assert_close_fp64(x.grad, x64.grad)
+        assert_close_fp64(adapter.randlora_lambda.grad, lam.grad)
+        assert_close_fp64(adapter.randlora_gamma.grad, gamma.grad)
 
 
 def test_counts_on_llama_2_7b():
