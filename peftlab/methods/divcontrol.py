@@ -33,6 +33,13 @@ Trainable parameters per adapted layer: (r_l + K·r_t)·(in + out) + K·e.
 Task ids: without ``peftlab.task_ids`` and ``default_task`` the gate stays neutral (K·g_k = 1 for all
 k: every tailor at its learned value, no routing). Merge folds in one selected task (``with
 peftlab.task_ids(k): peftlab.merge(model)`` or ``default_task``), else MergeError.
+
+Computation: learngenes, tailors and the frozen term are one stacked rank-2(r_l + K·r_t) pair, added
+onto the base output by a single addmm (``mtlora.routed_update``), so no output-sized sum is made in
+forward or backward. When the batch has one task (the usual case) its gate weights ride on the tailor
+columns of B (out x K·r_t) and the token-sized activations only meet the two GEMMs; a mixed batch
+weights the rank-sized activations x Aᵀ per example instead. The frozen term's sign is folded into a
+cached −B0 and the codes are pre-divided by τ (both constants).
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import linear
 from peftlab.core.method import LayerAdapter, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.methods.mtlora import MultiTaskMethod, TaskSelector, routed_update
@@ -63,10 +69,12 @@ def condition_codes(tasks: int, size: int, seed: int) -> torch.Tensor:
 
 
 def principal_components(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A: rank x in, B: out x rank) with B A = the top-rank SVD truncation, √σ on each side."""
+    """(A: rank x in, B: out x rank) with B A = the top-rank SVD truncation, √σ on each side; row-major
+    (the SVD's factors may come column-major, and a parameter in that layout gets its gradient copied
+    into it at every step)."""
     u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     root = s[:rank].sqrt()
-    return root[:, None] * vh[:rank], u[:, :rank] * root[None, :]
+    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root[None, :]).contiguous()
 
 
 class DivControlAdapter(LayerAdapter):
@@ -87,27 +95,49 @@ class DivControlAdapter(LayerAdapter):
         self.tailor_A = nn.Parameter(a0[r_l:].clone().to(dev))
         self.tailor_B = nn.Parameter(b0[:, r_l:].clone().to(dev))
         self.gate = nn.Parameter(torch.zeros(tailors, config.embed_dim, device=dev))
+        self._constants: dict[str, tuple] = {}  # constant()'s cache
 
     def gate_weights(self, ids: torch.Tensor) -> torch.Tensor:
         """(batch, K): K·softmax(G c_t / τ) per example; 1 everywhere at the neutral (zero) gate."""
-        logits = self.condition_codes[ids] @ self.gate.T / self.temperature
+        logits = self.constant("scaled_codes")[ids] @ self.gate.T
         return self.tailors * torch.softmax(logits, dim=-1)
 
-    def tailor_coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.selector.for_batch(x)
-        if ids is None:  # no routing: every tailor at weight 1
-            return torch.ones(1, self.tailors * self.tailor_r, device=x.device)
-        return self.gate_weights(ids).repeat_interleave(self.tailor_r, dim=1)
+    def tailor_coefficients(self, task: int) -> torch.Tensor:
+        """(K·r_t,): task's gate weight K·g_k(t) on each of tailor k's r_t components."""
+        probabilities = torch.softmax(torch.mv(self.gate, self.constant("scaled_codes")[task]), dim=0)
+        expansion = self.constant("expansion").to(probabilities.dtype)  # it carries the factor K
+        return torch.mv(expansion, probabilities)
+
+    def constant(self, name: str) -> torch.Tensor:
+        """Tensors derived from the frozen buffers, rebuilt when a buffer is replaced or edited:
+        scaled_codes (T, e) = codes / τ; expansion (K·r_t, K) = K on each tailor's rows, to spread K·g
+        over the tailor's components with one product; negated_B = −B0."""
+        source = self.initial_B if name == "negated_B" else self.condition_codes
+        key = (source._version, self.temperature, self.tailors, self.tailor_r)
+        cached = self._constants.get(name)
+        if cached is not None and cached[0] is source and cached[1] == key:
+            return cached[2]
+        if name == "negated_B":
+            value = -source
+        elif name == "scaled_codes":
+            value = source / self.temperature
+        else:
+            eye = torch.eye(self.tailors, dtype=source.dtype, device=source.device)
+            value = (self.tailors * eye).repeat_interleave(self.tailor_r, dim=0)
+        self._constants[name] = (source, key, value)
+        return value
 
     def forward(self, layer, x, base):
-        out = base(x)
-        out = out + linear(linear(x, self.learngene_A), self.learngene_B)
-        coefficients = self.tailor_coefficients(x)
-        if coefficients.shape[0] == 1:
-            tailored = linear(linear(x, self.tailor_A) * coefficients.to(x.dtype), self.tailor_B)
-        else:
-            tailored = routed_update(x, self.tailor_A, self.tailor_B, coefficients)
-        return out + tailored - linear(linear(x, self.initial_A), self.initial_B)
+        route = self.selector.route(x)
+        a = torch.cat([self.learngene_A, self.tailor_A, self.initial_A])
+        tailor_B, coefficients = self.tailor_B, None
+        if isinstance(route, int):
+            tailor_B = tailor_B * self.tailor_coefficients(route)
+        elif route is not None:  # per example: 1 on learngenes and the frozen term, the gate on tailors
+            gates = self.gate_weights(route).repeat_interleave(self.tailor_r, dim=1)
+            coefficients = nn.functional.pad(gates, (self.learngene_A.shape[0], a.shape[0] // 2), value=1.0)
+        b = torch.cat([self.learngene_B, tailor_B, self.constant("negated_B")], dim=1)
+        return routed_update(base(x), x, a, b, coefficients)
 
     def delta_weight(self, layer) -> torch.Tensor:
         task = self.selector.required_merge_task()

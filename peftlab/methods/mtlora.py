@@ -16,9 +16,14 @@ unchanged at init. Scales are plain multipliers, as in the code (not alpha / r).
 
 How the task reaches a layer: each example carries a task id through ``peftlab.task_ids`` (the trainer
 sets it from the records' ``task`` field), and each example of a batch is routed to its own TS-LoRA,
-so a batch may mix tasks. The task-specific update is computed for all examples at once: the T task
-factors are stacked into one rank-T·task_r pair and each example's rank block is kept by a 0/1
-coefficient (``routed_update``), i.e. two GEMMs whatever the mix.
+so a batch may mix tasks. The whole update is computed for all examples at once: TA-LoRA and the T
+task factors are stacked into one rank-(r + T·task_r) pair, each column weighted by a coefficient
+(s_sh on TA-LoRA's, s_t on the example's task block, 0 on the other tasks'), and added onto the base
+output by one addmm (``routed_update``): two GEMMs whatever the mix. When the whole batch has one
+task (the usual case; the selector tells it from the ids it already checks on the host, without a
+device sync) the coefficients are folded into the small B factor (out x rank) instead of the
+token-sized activations, so a step costs little more than one LoRA of that rank (the joins of the
+factors); a mixed batch weights the rank-sized activations x Aᵀ per example.
 
 Defaults (``config.py``): r 8 for TA and TS (``R_PER_TASK`` defaults to ``R``), shared and task scale
 2.0, dropout 0.05; the released best runs use r 64 shared / 4 per task at scale 4
@@ -132,6 +137,19 @@ class TaskSelector:
 
     def for_batch(self, x: torch.Tensor) -> torch.Tensor | None:
         """One task id per example of ``x`` (batch first) on x's device, or None when none is set."""
+        resolved = self._resolve(x)
+        return None if resolved is None else resolved[0]
+
+    def route(self, x: torch.Tensor) -> int | torch.Tensor | None:
+        """How ``x``'s examples are routed: None when no task is set, the task (an int) when every
+        example has the same one, else one id per example on x's device (as ``for_batch``). The
+        single-task test runs on the host copy of the ids, once per forward (no device sync)."""
+        resolved = self._resolve(x)
+        if resolved is None:
+            return None
+        return resolved[0] if resolved[1] is None else resolved[1]
+
+    def _resolve(self, x: torch.Tensor) -> tuple[torch.Tensor, int | None] | None:
         ids = current_task_ids()
         if ids is None:
             ids = self.default
@@ -142,7 +160,9 @@ class TaskSelector:
         cached = _RESOLVED[0]
         if cached is not None and cached[0]() is ids and cached[1] == key:
             return cached[2]
-        resolved = self._check(ids.detach().to("cpu"), batch).to(x.device)
+        checked = self._check(ids.detach().to("cpu"), batch)
+        single = int(checked[0]) if checked.numel() and bool((checked == checked[0]).all()) else None
+        resolved = (checked.to(x.device), single)
         _RESOLVED[0] = (weakref.ref(ids), key, resolved)
         return resolved
 
@@ -186,12 +206,24 @@ def block_coefficients(ids: torch.Tensor, count: int, rank: int, scale: float = 
     return one_hot.repeat_interleave(rank, dim=1)
 
 
-def routed_update(x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor, coefficients: torch.Tensor):
-    """Σ_k c[b, k]·B[:, k] (A[k] · x_b) per example b: A (K x in) and B (out x K) hold K rank-one
-    components, ``coefficients`` (batch, K) weights them per example (batch first in x)."""
-    xa = linear(x, a_all)
-    shape = (coefficients.shape[0],) + (1,) * (xa.dim() - 2) + (coefficients.shape[1],)
-    return linear(xa * coefficients.view(shape).to(xa.dtype), b_all)
+def routed_update(out: torch.Tensor, x: torch.Tensor, a_all: torch.Tensor, b_all: torch.Tensor,
+                  coefficients: torch.Tensor | float | None = None) -> torch.Tensor:
+    """out + Σ_k c_k·B[:, k] (A[k] · x_b) per example b, as one addmm onto ``out`` (the base output).
+
+    A (K x in) and B (out x K) hold K rank-one components. ``coefficients`` weights them: None or a
+    number for every component and example, a (K,) tensor for every example (both folded into B, so
+    the token-sized activations only meet the two GEMMs), or (batch, K) per example (batch first in x),
+    applied to the rank-K activations x Aᵀ."""
+    xa = linear(x.reshape(-1, x.shape[-1]), a_all)
+    per_example = isinstance(coefficients, torch.Tensor) and coefficients.dim() == 2
+    if per_example:
+        shape = (coefficients.shape[0],) + (1,) * (x.dim() - 2) + (coefficients.shape[1],)
+        rows = xa.view(x.shape[:-1] + (xa.shape[-1],)) * coefficients.view(shape).to(xa.dtype)
+        xa = rows.reshape(-1, xa.shape[-1])
+    elif coefficients is not None and not (isinstance(coefficients, float) and coefficients == 1.0):
+        b_all = b_all * coefficients
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa, b_all.to(xa.dtype).T)
+    return flat.view(out.shape)
 
 
 def kaiming_uniform(shape: tuple[int, ...], fan_in: int, device) -> torch.Tensor:
@@ -208,8 +240,10 @@ class SharedTaskLoRAAdapter(LayerAdapter):
     """y = base(x) + s_sh·B_sh A_sh h + s_t·B_t A_t h, h = dropout(x); either part may be absent.
 
     ``task_A`` is stored (T, task_r, in) and ``task_B`` (out, T, task_r), so both flatten to the
-    stacked rank-T·task_r pair without a copy. ``zero_side`` names the factor that starts at zero
-    (the other is Kaiming-uniform over its own fan-in).
+    stacked rank-T·task_r pair without a copy; with the shared pair in front they make one
+    rank-(shared_r + T·task_r) product (``routed_update``) whose column coefficients come from a
+    per-task table built once per device. ``zero_side`` names the factor that starts at zero (the
+    other is Kaiming-uniform over its own fan-in).
     """
 
     def __init__(self, site: Site, selector: TaskSelector, *, shared_r: int, task_r: int, shared_scale: float,
@@ -219,6 +253,7 @@ class SharedTaskLoRAAdapter(LayerAdapter):
         dev, count = site.device, selector.count
         self.selector = selector
         self.shared_scale, self.task_scale, self.task_r = shared_scale, task_scale, task_r
+        self._tables: dict[tuple, torch.Tensor] = {}  # coefficient_table's cache
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shared_A = nn.Parameter(torch.zeros(shared_r, fan_in, device=dev)) if shared_r else None
         self.shared_B = nn.Parameter(torch.zeros(fan_out, shared_r, device=dev)) if shared_r else None
@@ -237,17 +272,42 @@ class SharedTaskLoRAAdapter(LayerAdapter):
 
     def forward(self, layer, x, base):
         out = base(x)
-        ids = self.selector.for_batch(x)
-        if ids is None and self.shared_A is None:
+        route = self.selector.route(x)
+        if route is None and self.shared_A is None:
             raise self.selector.missing()
         h = self.dropout(x)
-        if self.shared_A is not None:
-            out = out + linear(linear(h, self.shared_A), self.shared_B) * self.shared_scale
-        if ids is not None and self.task_A is not None:
-            a_all, b_all = self.task_A.flatten(0, 1), self.task_B.flatten(1, 2)
-            coefficients = block_coefficients(ids, self.selector.count, self.task_r, self.task_scale)
-            out = out + routed_update(h, a_all, b_all, coefficients)
-        return out
+        if route is None or self.task_A is None:  # TA-LoRA only
+            return routed_update(out, h, self.shared_A, self.shared_B, self.shared_scale)
+        a_all, b_all = self.task_A.flatten(0, 1), self.task_B.flatten(1, 2)
+        table = self.coefficient_table(a_all.device)
+        shared = self.shared_A is not None
+        if isinstance(route, int):  # one task: the coefficients ride on B's pieces before they are joined
+            coefficients = None
+            b_all = b_all * table[route, table.shape[1] - b_all.shape[1]:]
+            if shared:
+                b_all = torch.cat([self.shared_B * self.shared_scale, b_all], dim=1)
+        else:
+            coefficients = table[route]
+            if shared:
+                b_all = torch.cat([self.shared_B, b_all], dim=1)
+        if shared:
+            a_all = torch.cat([self.shared_A, a_all])
+        return routed_update(out, h, a_all, b_all, coefficients)
+
+    def coefficient_table(self, device) -> torch.Tensor:
+        """(T, shared_r + T·task_r): row t weights the stacked columns for task t: s_sh on the shared
+        ones, s_t on task t's block, 0 on the other tasks'. Constant, so it is built once per device
+        (and scales)."""
+        key = (device, self.shared_scale, self.task_scale)
+        table = self._tables.get(key)
+        if table is None:
+            count = self.selector.count
+            table = block_coefficients(torch.arange(count), count, self.task_r, self.task_scale)
+            if self.shared_A is not None:
+                shared = torch.full((count, self.shared_A.shape[0]), float(self.shared_scale))
+                table = torch.cat([shared, table], dim=1)
+            table = self._tables[key] = table.to(device)
+        return table
 
     def delta_weight(self, layer) -> torch.Tensor:
         delta = 0.0

@@ -11,10 +11,13 @@ from peftlab.core import api, layers
 
 from ..conftest import make_inputs, output_of, tiny_llama
 from .test_mtlora import (
+    ROUTES,
+    check_against_reference,
     check_merge_needs_one_task,
     check_routing_is_per_example,
     fit_opposite_tasks,
     perturbed,
+    sync_and_gather_ops,
     train_with_task_field,
 )
 
@@ -108,3 +111,67 @@ def test_trainer_with_a_task_field(tmp_path):
     _, (base, own, swapped) = train_with_task_field(tmp_path, "divcontrol", SMALL)
     print(f"\ndivcontrol trainer: loss base {base:.4f}, own task id {own:.4f}, other task's id {swapped:.4f}")
     assert own < swapped - 0.3 and own < base - 0.3
+
+
+def gated_reference(adapter, layer, p, x, ids):
+    """y_b = (W0 − B0 A0) x_b + b + B_G A_G x_b + Σ_k K·g_k(t_b)·B_k A_k x_b, one example at a time;
+    K·g = 1 without ids."""
+    tailors, r_t = adapter.tailors, adapter.tailor_r
+    weight = layer.weight.detach().double() - adapter.initial_B.double() @ adapter.initial_A.double()
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    y = nn.functional.linear(x, weight + p["learngene_B"] @ p["learngene_A"], bias)
+    rows = []
+    for b in range(x.shape[0]):
+        if ids is None:
+            gate = torch.ones(tailors, dtype=torch.float64)
+        else:
+            logits = p["gate"] @ adapter.condition_codes[ids[b]].double() / adapter.temperature
+            gate = tailors * torch.softmax(logits, dim=0)
+        part = sum(gate[k] * x[b] @ p["tailor_A"][k * r_t:(k + 1) * r_t].T @ p["tailor_B"][:, k * r_t:(k + 1) * r_t].T
+                   for k in range(tailors))
+        rows.append(part)
+    return y + torch.stack(rows)
+
+
+@pytest.mark.parametrize("options", [{**SMALL, "tasks": 3, "temperature": 0.7},
+                                     {"learngene_r": 1, "tailors": 3, "tailor_r": 1, "embed_dim": 2, "tasks": 3}])
+def test_fast_paths_match_the_reference_formula(options):
+    check_against_reference("divcontrol", gated_reference, ROUTES, **options)
+
+
+def test_cached_constants_follow_the_buffers():
+    """−B0 and codes / τ are cached; editing or replacing a buffer must be seen."""
+    model = perturbed("divcontrol", tasks=3, temperature=0.7, **SMALL)
+    path, adapter = next(iter(api.attached_adapters(model, "default").items()))
+    layer = model.get_submodule(path)
+    x = torch.randn(2, 3, layer.in_features)
+
+    def check():
+        with torch.no_grad(), peftlab.task_ids(1):
+            p = {name: t.double() for name, t in adapter.named_parameters()}
+            expected = gated_reference(adapter, layer, p, x.double(), torch.tensor([1, 1]))
+            assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        adapter.initial_B.mul_(1.5)
+        adapter.condition_codes.mul_(-1)
+    check()
+    adapter.initial_B = adapter.initial_B * 2
+    adapter.condition_codes = adapter.condition_codes.flip(0).contiguous()
+    check()
+
+
+def test_parameters_are_row_major():
+    """The SVD's factors come column-major; a parameter in that layout would get its gradient copied at
+    every step."""
+    model = perturbed("divcontrol", tasks=2, **SMALL)
+    adapter = next(iter(api.attached_adapters(model, "default").values()))
+    assert all(p.is_contiguous() for p in adapter.parameters())
+    assert adapter.initial_A.is_contiguous() and adapter.initial_B.is_contiguous()
+
+
+def test_a_one_task_step_makes_no_gather_and_no_sync():
+    options = {**SMALL, "tasks": 3, "default_task": 1}
+    assert sync_and_gather_ops("divcontrol", **options) == set()
+    assert sync_and_gather_ops("divcontrol", [2, 2], **options) == set()

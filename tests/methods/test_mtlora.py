@@ -6,6 +6,7 @@ reuse: the two-opposite-tasks toy, mixed-batch routing and the trainer with a ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -113,6 +114,78 @@ def check_merge_needs_one_task(method: str, **options) -> None:
     assert not peftlab.adapters(model)
     with torch.no_grad():
         assert torch.allclose(output_of(model, inputs), task1, atol=1e-4)
+
+
+# Routes of a batch of 3: no ids; one task as an int and as one id per example; mixed tasks
+ROUTES = (None, 1, [1, 1, 1], [2, 0, 1])
+
+
+def check_against_reference(method: str, reference, routes=ROUTES, setup=None, **options) -> None:
+    """Output and gradients (wrt x and every trainable parameter) of one adapted 12 -> 10 linear layer
+    equal ``reference(adapter, layer, params, x, ids)`` computed in float64 on copies (ids: one per
+    example, or None), for every route, with and without a sequence dimension. A parameter the
+    reference never touches (another task's factors) must get no gradient or an exact zero."""
+    torch.manual_seed(0)
+    model = peftlab.adapt(nn.Sequential(nn.Linear(12, 10)), method, targets=["0"], **options)
+    path, adapter = next(iter(api.attached_adapters(model, "default").items()))
+    layer = model.get_submodule(path)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    if setup is not None:
+        setup(adapter)
+    params = dict(adapter.named_parameters())
+    for shape in ((3, 4, 12), (3, 12)):
+        for route in routes:
+            x = torch.randn(shape, generator=gen, requires_grad=True)
+            grad = torch.randn(shape[:-1] + (10,), generator=gen)
+            with contextlib.nullcontext() if route is None else peftlab.task_ids(route):
+                got = model(x)
+            got.backward(grad)
+            copies = {name: p.detach().double().requires_grad_() for name, p in params.items()}
+            x64 = x.detach().double().requires_grad_()
+            ids = None if route is None else torch.as_tensor(route).expand(3)
+            expected = reference(adapter, layer, copies, x64, ids)
+            expected.backward(grad.double())
+            where = f"{method} {options}, input {shape}, task ids {route}"
+            _close(got, expected, where)
+            _close(x.grad, x64.grad, f"{where}, grad x")
+            for name, p in params.items():
+                want = copies[name].grad
+                if want is None:  # not in this batch's function: no gradient, or exact zeros
+                    assert p.grad is None or not p.grad.any(), f"{where}, grad {name}"
+                else:
+                    _close(p.grad, want, f"{where}, grad {name}")
+                p.grad = None
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{where}: {m}")
+
+
+def sync_and_gather_ops(method: str, ids=None, **options) -> set[str]:
+    """The device-sync and gather ATen ops one training step of an adapted 12 -> 10 linear layer
+    dispatches (after a warm-up step, which resolves the task ids)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    watched = {"_local_scalar_dense", "index", "index_select", "gather", "one_hot", "aminmax",
+               "repeat_interleave", "nonzero"}
+    seen = set()
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().split("::")[-1].split(".")[0] in watched:
+                seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    model = peftlab.adapt(nn.Sequential(nn.Linear(12, 10)), method, targets=["0"], **options).train()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    with contextlib.nullcontext() if ids is None else peftlab.task_ids(ids):
+        model(x).sum().backward()
+        with Watch():
+            model(x).sum().backward()
+    return seen
 
 
 def write_task_records(path, n: int = 32):
@@ -243,3 +316,72 @@ def test_trainer_fills_tasks_from_the_data_and_each_task_learns_its_answer(tmp_p
             with peftlab.task_ids(task):
                 outputs.append(output_of(model, inputs))
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)
+
+
+def shared_task_reference(adapter, layer, p, x, ids, mask=None):
+    """y_b = W0 x_b + b + s_sh·B_sh A_sh h_b + s_t·B_t A_t h_b, h = x ⊙ mask, one example at a time."""
+    h = x if mask is None else x * mask.double()
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    y = nn.functional.linear(x, layer.weight.detach().double(), bias)
+    if "shared_A" in p:
+        y = y + adapter.shared_scale * h @ p["shared_A"].T @ p["shared_B"].T
+    if ids is None or "task_A" not in p:
+        return y
+    task = [adapter.task_scale * h[b] @ p["task_A"][t].T @ p["task_B"][:, t].T for b, t in enumerate(ids.tolist())]
+    return y + torch.stack(task)
+
+
+class FixedMask(nn.Module):
+    """A dropout stand-in with a known mask, so the reference can apply the same one."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.mask = (torch.rand(width, generator=torch.Generator().manual_seed(3)) > 0.3).float() / 0.7
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@pytest.mark.parametrize("method, options", [
+    ("mtlora", {"r": 2, "task_r": 3, "tasks": 3, "shared_scale": 0.5, "task_scale": 1.5, "dropout": 0.0}),
+    ("omnilora", {"strategy": "shared+task", "r": 2, "alpha": 3.0, "tasks": 3}),
+    ("omnilora", {"strategy": "task", "r": 3, "alpha": 1.0, "tasks": 3}),
+])
+def test_fast_paths_match_the_reference_formula(method, options):
+    routes = ROUTES[1:] if options.get("strategy") == "task" else ROUTES  # no task-agnostic part: ids needed
+    check_against_reference(method, shared_task_reference, routes, **options)
+
+
+def test_dropout_reaches_the_adapter_input_only():
+    mask = FixedMask(12)
+
+    def setup(adapter):
+        assert isinstance(adapter.dropout, nn.Dropout)
+        adapter.dropout = mask
+
+    def reference(adapter, layer, p, x, ids):
+        return shared_task_reference(adapter, layer, p, x, ids, mask.mask)
+
+    check_against_reference("mtlora", reference, setup=setup, r=2, task_r=2, tasks=3, dropout=0.3)
+
+
+def test_selector_tells_one_task_batches_from_mixed_ones():
+    model = perturbed("mtlora", r=2, task_r=2, tasks=3, default_task=2)
+    selector = next(iter(api.attached_adapters(model, "default").values())).selector
+    x = torch.zeros(3, 5, 4)
+    assert selector.route(x) == 2  # default_task
+    for ids, want in ((1, 1), ([0, 0, 0], 0), (torch.tensor([1, 1, 1], dtype=torch.int32), 1)):
+        with peftlab.task_ids(ids):
+            assert selector.route(x) == want and isinstance(selector.route(x), int)
+            assert selector.for_batch(x).tolist() == [want] * 3
+    with peftlab.task_ids([0, 2, 0]):
+        assert selector.route(x).tolist() == [0, 2, 0]
+    no_default = perturbed("mtlora", r=2, task_r=2, tasks=3)
+    assert next(iter(api.attached_adapters(no_default, "default").values())).selector.route(x) is None
+
+
+def test_a_one_task_step_makes_no_gather_and_no_sync():
+    options = {"r": 2, "task_r": 2, "tasks": 3, "default_task": 1}
+    assert sync_and_gather_ops("mtlora", **options) == set()
+    assert sync_and_gather_ops("mtlora", [2, 2], **options) == set()
+    assert sync_and_gather_ops("mtlora", [0, 2], **options) == {"aten::index.Tensor"}  # the coefficient rows
