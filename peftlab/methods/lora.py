@@ -118,29 +118,46 @@ class DoRAAdapter(LoRAAdapter):
         self.magnitude = nn.Parameter(self.weight_sq.sqrt().clone())
 
     def row_norm(self, layer) -> torch.Tensor:
-        """‖W0 + s·B A‖ per output row, in fp32, without forming the out x in matrix."""
+        """‖W0 + s·B A‖ per output row, in fp32 (or wider), without forming the out x in matrix."""
         w = weight_matrix(layer)
-        a, b = self.lora_A.float(), self.lora_B.float()
-        cross = (b * (w @ self.lora_A.to(w.dtype).T).float()).sum(1)
-        quad = ((b @ (a @ a.T)) * b).sum(1)
-        norm_sq = self.weight_sq + 2 * self.scale * cross + self.scale**2 * quad
-        return norm_sq.clamp_min(0).sqrt()
+        return self._row_norm(w, self.lora_A.to(w.dtype))
+
+    def _row_norm(self, w: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+        """The row norm from W0 and A in W0's dtype, in five small ops: M = 2s·W0Aᵀ + s²·B(AAᵀ) is one
+        addmm, ‖W0‖² + Σ_k B_ik M_ik one batched (out x 1 x r)(out x r x 1) product (baddbmm). fp32, or
+        the parameters' dtype where wider, also inside an autocast region (only W0 Aᵀ follows it)."""
+        cross = w @ a_w.T
+        dtype = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        with torch.autocast(w.device.type, enabled=False):
+            a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
+            mixed = torch.addmm(cross.to(dtype), b, a @ a.T, beta=2 * self.scale, alpha=self.scale**2)
+            norm_sq = torch.baddbmm(self.weight_sq[:, None, None].to(dtype), b[:, None, :], mixed[:, :, None])
+        return norm_sq.view(-1).clamp_min(0).sqrt()
 
     def forward(self, layer, x, base):
+        """m ⊙ (W0 + s·B A) x / ‖·‖_row + b, the norm a constant (computed without autograd). A's cast to
+        the activations' dtype serves both W0 Aᵀ (norm) and x Aᵀ when W0 has that dtype; the gain m / ‖·‖
+        is one (out,) op and the low-rank sum rides on the B-GEMM (addmm)."""
         out = base(x)
-        gain = (self.magnitude / self.row_norm(layer).detach()).to(out.dtype)
+        w = weight_matrix(layer)
+        a_x = self.lora_A.to(x.dtype)
+        with torch.no_grad():
+            norm = self._row_norm(w, a_x if w.dtype == x.dtype else self.lora_A.to(w.dtype))
+        gain = (self.magnitude / norm).to(out.dtype)
         h = self.dropout(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):  # the paper's form: W0 sees the dropped input
-            base_wx = linear(h, weight_matrix(layer))
-            lora = linear(linear(h, self.lora_A), self.lora_B) * self.scale
-            return out + (gain - 1) * base_wx + gain * lora
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # The paper's form, W0 seeing the dropped input: out + (g - 1)·W0 h + g·s·B A h, computed as
+            # out - W0 h + g·(W0 h + s·B A h) (one addmm and three passes over the output, not five).
+            base_wx = linear(h, w)
+            flat = _add_low_rank(base_wx.reshape(-1, base_wx.shape[-1]), h, a_x, self.lora_B, self.scale)
+            return (out - base_wx).add_(flat.view(out.shape) * gain)
         # Without dropout W0 x is the base output minus its bias, and the whole update is one addmm
         # and one scaling pass: gain·(W0 x + s·B A x) + b.
         bias = layer.bias
         wx = out if bias is None else out - bias.to(out.dtype)
-        flat = _add_low_rank(wx.reshape(-1, wx.shape[-1]), h, self.lora_A, self.lora_B, self.scale)
+        flat = _add_low_rank(wx.reshape(-1, wx.shape[-1]), h, a_x, self.lora_B, self.scale)
         scaled = flat.view(out.shape) * gain
-        return scaled if bias is None else scaled + bias.to(out.dtype)
+        return scaled if bias is None else scaled.add_(bias.to(out.dtype))
 
     def merged_matrix(self, layer) -> torch.Tensor:
         w = weight_matrix(layer).detach().float()

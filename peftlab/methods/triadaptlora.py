@@ -36,7 +36,9 @@ Shapes never change during training: every layer allocates ``max_rank`` rows/col
 and a persistent buffer ``active_rank`` masks the unused ones (they get zero gradients). Growth runs
 in ``on_step`` (before the step's micro-batches; the code grows after ``optimizer.step``, which is the
 same point in the sequence). The score bookkeeping (``previous_norm``) and the ranks are persistent
-buffers, so a saved adapter resumes growth exactly.
+buffers, so a saved adapter resumes growth exactly. The forward folds the activity mask and s into the
+core's two triangle masks (cached until ``active_rank`` changes) and the core into B, so a step costs
+LoRA's GEMMs plus a few R x R and out x R ops.
 
 Init (code at the commit above): A ~ N(0, 0.02), B = 0, the first diagonal block of both L and U is
 the identity (so C starts at 2·I); the model is unchanged at init. Scale s = alpha with alpha 2: the
@@ -130,13 +132,41 @@ class TriAdaptLoRAAdapter(LayerAdapter):
     def scale(self) -> torch.Tensor | float:
         return self.alpha / self.active_rank.float() if self.rank_scaled else self.alpha
 
+    def folded_masks(self) -> torch.Tensor:
+        """s·(lower_mask ⊙ mmᵀ) and s·(upper_mask ⊙ mmᵀ) stacked (2 x R x R, the core's dtype), m the
+        active mask: masking C on both sides masks B's columns and A's rows too (B D C D A = B (D C D) A
+        for D = diag(m), D² = D).
+
+        They change only with ``active_rank``, so they are kept until its version counter moves (every
+        in-place write bumps it: ``grow``, ``load_state_dict``) or the tensor is replaced (a move)."""
+        if torch.compiler.is_compiling() or self.active_rank.is_inference():
+            return self._folded_masks()
+        rank = self.active_rank
+        key = (id(rank), rank.data_ptr(), rank._version, self.lower.dtype, self.lower.device)
+        cache = self.__dict__.get("_masks_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self._folded_masks())
+            self.__dict__["_masks_cache"] = cache
+        return cache[1]
+
+    def _folded_masks(self) -> torch.Tensor:
+        m = self.mask().to(self.lower_mask.dtype)
+        scale = self.alpha / self.active_rank.to(m.dtype) if self.rank_scaled else self.alpha
+        active = (m[:, None] * m[None, :]) * scale
+        return torch.stack([self.lower_mask * active, self.upper_mask * active]).to(self.lower.dtype)
+
     def forward(self, layer, x, base):
-        """base(x) + s·(B C) A x: C and s are folded into B (out x R), the sum into the GEMM (addmm)."""
+        """base(x) + (B·s·C) A x. The activity masks and s ride on the two R x R triangle masks (cached
+        until the rank changes), so s·C = Σ [L; U] ⊙ [M_L; M_U] costs three small ops forward and one in
+        backward; A and B need no masking (the masked core zeroes their inactive rows/columns and their
+        gradients). s·C is folded into B (out x R) and the sum into the GEMM (addmm): no pass over
+        token-sized tensors besides the factor GEMMs."""
         out = base(x)
-        m = self.mask()
-        xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A * m[:, None])
-        bc = ((self.lora_B * m[None, :]) @ self.core()) * self.scale()
-        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, bc.to(xa.dtype).T)
+        core = (torch.stack([self.lower, self.upper]) * self.folded_masks()).sum(0)
+        xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A)
+        bc = (self.lora_B @ core).to(xa.dtype)
+        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, bc.T)
         return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:

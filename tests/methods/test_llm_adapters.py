@@ -115,3 +115,61 @@ def test_prefix_starts_at_the_models_own_keys_and_values():
             ids = torch.cat([torch.tensor([[7, 8, 9]]).expand(2, 3), inputs["input_ids"]], 1)
             explicit = model(input_ids=ids).logits[:, 3:]
     assert torch.allclose(with_prefix, explicit, atol=1e-5)
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.proj = torch.nn.Linear(12, 10, bias=bias, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_dora_forward_and_gradients_match_the_dense_formula():
+    """float64 against y = W0 x + b + (g - 1)·W0 h + g·s·B A h, g = m / ‖W0 + s·B A‖_row (a constant in
+    backward), h = dropout(x); without dropout (or in eval) h = x and this is g·(W0 + s·B A) x + b."""
+    gen = torch.Generator().manual_seed(0)
+    for bias, dropout, training in [(False, 0.0, True), (True, 0.0, True), (True, 0.3, True), (False, 0.3, True),
+                                    (True, 0.3, False)]:
+        torch.manual_seed(0)
+        model = peftlab.adapt(_OneLinear(bias), "dora", r=3, alpha=5.0, dropout=dropout).double()
+        model.train(training)
+        layer = model.proj
+        adapter = first_adapter(model)
+        with torch.no_grad():  # ‖W0‖² is taken from the fp32 copy of the weight at build time
+            adapter.weight_sq.copy_(layer.weight.pow(2).sum(1))
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=gen, dtype=torch.float64))
+            adapter.magnitude.mul_(1 + 0.3 * torch.rand(adapter.magnitude.shape, generator=gen, dtype=torch.float64))
+        a, b, m = (p.detach().clone().requires_grad_() for p in (adapter.lora_A, adapter.lora_B, adapter.magnitude))
+        x = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
+        x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+        w = layer.weight.detach()
+        gain = m / (w + adapter.scale * b @ a).norm(dim=1).detach()
+        torch.manual_seed(5)
+        h = torch.nn.functional.dropout(x_ref, dropout, training=training)
+        expected = (torch.nn.functional.linear(x_ref, w, layer.bias) + (gain - 1) * (h @ w.T)
+                    + gain * adapter.scale * (h @ a.T @ b.T))
+        torch.manual_seed(5)
+        out = model(x_got)
+        assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        out.backward(grad_out)
+        expected.backward(grad_out)
+        assert torch.allclose(x_got.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+        for got, want in ((adapter.lora_A, a), (adapter.lora_B, b), (adapter.magnitude, m)):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_dora_row_norm_stays_fp32_inside_autocast():
+    model = peftlab.adapt(tiny_llama(), "dora", r=4)
+    _, module, slot = next(iter(hosts(model)))
+    adapter = slot["default"]
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    dense = (module.weight.double() + adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()).norm(dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # only W0 Aᵀ runs in bf16 (as the base GEMM would)
+        norm = adapter.row_norm(module)
+    assert norm.dtype == torch.float32
+    assert ((norm.double() - dense) / dense).abs().max() < 5e-4

@@ -141,3 +141,69 @@ def test_trainable_count_on_llama_7b_shapes():
     assert config.trainable_count(4096, 4096) == 17 * 8192 + 2 * 17 * 17 == 139_842
     per_layer = 4 * config.trainable_count(4096, 4096) + 3 * config.trainable_count(4096, 11008)
     assert per_layer * 32 == 42_604_992
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, fan_in=12, fan_out=10):
+        super().__init__()
+        self.proj = torch.nn.Linear(fan_in, fan_out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _reference(adapter, layer, x):
+    """y = W0 x + b + s·B_m C A_m x, C = (L ⊙ lower + U ⊙ upper) on the active blocks, from scratch (float64)."""
+    rank, size = int(adapter.active_rank), adapter.lora_A.shape[0]
+    blocks = [0 if i < adapter.init_rank else 1 + (i - adapter.init_rank) // adapter.block_size for i in range(size)]
+    lower = torch.tensor([[float(blocks[j] <= blocks[i]) for j in range(size)] for i in range(size)],
+                         dtype=torch.float64)
+    active = torch.tensor([float(i < rank) for i in range(size)], dtype=torch.float64)
+    params = {n: p.detach().double().requires_grad_() for n, p in
+              (("A", adapter.lora_A), ("B", adapter.lora_B), ("L", adapter.lower), ("U", adapter.upper))}
+    core = (params["L"] * lower + params["U"] * lower.T) * torch.outer(active, active)
+    scale = adapter.alpha / rank if adapter.rank_scaled else adapter.alpha
+    delta = scale * (params["B"] * active) @ core @ (params["A"] * active[:, None])
+    return torch.nn.functional.linear(x, layer.weight.double() + delta, layer.bias.double()), params
+
+
+@pytest.mark.parametrize("rank_scaled", [False, True])
+def test_forward_and_gradients_match_the_reference_formula(rank_scaled):
+    torch.manual_seed(0)
+    model = peftlab.adapt(_OneLinear(), "triadaptlora", reference_rank=2, init_rank=1, incre_rank_num=2,
+                          max_rank=7, rank_scaled=rank_scaled, alpha=3.0).double()
+    adapter = api.attached_adapters(model, "default")["proj"]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every entry non-zero, also outside the triangles and the active blocks
+        for p in (adapter.lora_A, adapter.lora_B, adapter.lower, adapter.upper):
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model.train()
+
+    def check(x):
+        x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, ref = _reference(adapter, model.proj, x_ref)
+        out = model(x_got)
+        assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        out.backward(grad_out)
+        expected.backward(grad_out)
+        assert torch.allclose(x_got.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+        for got, want in zip((adapter.lora_A, adapter.lora_B, adapter.lower, adapter.upper), ref.values(), strict=True):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-10, atol=1e-10)
+        rank = adapter.rank()  # inactive rows/columns and the entries outside the triangles get no gradient
+        assert adapter.lora_A.grad[rank:].abs().sum() == 0 and adapter.lora_B.grad[:, rank:].abs().sum() == 0
+        assert (adapter.lower.grad * (1 - adapter.lower_mask)).abs().sum() == 0
+        assert (adapter.upper.grad * (1 - adapter.upper_mask)).abs().sum() == 0
+        model.zero_grad()
+
+    x = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
+    check(x)
+    adapter.grow(torch.Generator().manual_seed(3))  # the cached masks (and s with rank_scaled) follow the rank
+    assert adapter.rank() == 3
+    check(x)
+    saved = {k: v.clone() for k, v in adapter.state_dict().items()}  # at rank 3, loaded back at rank 5
+    adapter.grow(torch.Generator().manual_seed(4))
+    check(x)
+    adapter.load_state_dict(saved)
+    assert adapter.rank() == 3
+    check(x)
