@@ -16,8 +16,22 @@ map acts on the feature axis only), so this is exactly a weight update — no to
 Both subbands go through the same A and B; the transforms are the fast filter-bank DWT (periodic
 extension, so F = [F_lo; F_hi] is orthogonal). The forward folds them into the factors instead of
 transforming every token: ΔW = s·B̂ Â with Â = [A F_lo; A F_hi] (2r x in) and B̂ = [G_loᵀ B, G_hiᵀ B]
-(out x 2r), built per call by the inverse DWT of the small factors, so a token costs a rank-2r LoRA
-product (``update`` keeps the filter-bank form on activations as the reference and for merging).
+(out x 2r), rebuilt per call from the small factors, so a token costs a rank-2r LoRA product
+(``update`` keeps the filter-bank form on activations as the reference and for merging). The rebuild
+is the synthesis (inverse DWT) of the rows of A and of Bᵀ in polyphase form: with filter taps
+h_a[2q + p] (L = 2Q taps, a ∈ {lo, hi}),
+
+    (A F_a)[j, 2i + p] = Σ_q h_a[2q + p] · A[j, (i − q) mod in/2]
+
+i.e. one broadcast product of A (and its Q − 1 circular shifts) with a (2, 2, Q) tap tensor, summed
+over q — Haar (Q = 1): one multiply; db2 (Q = 2): roll, stack, multiply, sum — instead of a
+zeros/roll/stack sequence per tap, because an eager training step is launch-bound (every ATen op of
+every adapted layer is a kernel launch, forward and backward). The rows of Â come interleaved per
+rank, (j, lo), (j, hi), and so do the columns of B̂ (its taps carry s): the products come out as
+(r, 2, in/2, 2) and (out/2, 2, r, 2), i.e. Â and s·B̂ row-major, which the GEMMs take without a copy.
+All in fp32 elementwise arithmetic (adapter master weights; a strided conv_transpose1d would save an op
+per factor but runs in TF32 under cuDNN's default), then cast to the activations' dtype; the sum with
+the base output is fused into the B̂-GEMM (addmm).
 With the Haar wavelet the pair reduces to (B A) ⊗ I₂ in the interleaved (even, odd) feature layout
 — an identity worth knowing: the Haar transform only re-indexes; ``wavelet="db2"`` gives a genuine
 multi-resolution mixing. Odd sizes are zero-padded by one (input) / cropped (output).
@@ -92,6 +106,23 @@ def dwt_matrix(n: int, wavelet: str, dtype=torch.float64) -> torch.Tensor:
     return dwt(torch.eye(n, dtype=dtype), low, high).reshape(n, n).T  # row a·n/2 + i = F_a[i]
 
 
+def polyphase_taps(name: str) -> torch.Tensor:
+    """(2, 2, Q) float64 taps T[a, p, q] = h_a[2q + p] (a = lo, hi; L = 2Q filter taps): the synthesis
+    x ↦ x F_a in polyphase form, (x F_a)[2i + p] = Σ_q T[a, p, q] · x[(i − q) mod n/2]."""
+    return torch.tensor(wavelet_filters(name), dtype=torch.float64).view(2, -1, 2).transpose(1, 2)
+
+
+def synthesize(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Σ_q taps[..., q] · roll(x, q, dim), broadcast as x[:, None, :, None] · taps: (k0, u, k1, v) for 2-D x
+    (k0, k1) and taps (u, 1, v, Q). Rows of A (dim 1, taps (a, 1, p, q)): [j, a, i, p] = (A F_a)[j, 2i + p];
+    columns of B (dim 0, taps (p, 1, a, q)): [i, p, j, a] = (G_aᵀ B)[2i + p, j]. Haar (Q = 1) is one
+    multiply (backward: one multiply, one sum)."""
+    if taps.shape[-1] == 1:
+        return x[:, None, :, None] * taps[..., 0]
+    shifted = torch.stack([x] + [x.roll(q, dim) for q in range(1, taps.shape[-1])], dim=-1)
+    return (shifted[:, None, :, None] * taps).sum(-1)
+
+
 class WaRAAdapter(LayerAdapter):
     def __init__(self, config: WaRA, site: Site):
         super().__init__()
@@ -103,6 +134,11 @@ class WaRAAdapter(LayerAdapter):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.zeros(config.r, self.half_in, device=site.device))
         self.lora_B = nn.Parameter(torch.zeros(self.half_out, config.r, device=site.device))
+        taps = polyphase_taps(config.wavelet)  # [a, p, q], recomputable: non-persistent fp32 buffers
+        taps_in, taps_out = taps[:, None], self.scale * taps.permute(1, 0, 2)[:, None]  # (a, 1, p, q), (p, 1, a, q)
+        # contiguous: the broadcast products then come out in the layout the views in folded_factors need
+        self.register_buffer("taps_in", taps_in.float().contiguous().to(site.device), persistent=False)
+        self.register_buffer("taps_out", taps_out.float().contiguous().to(site.device), persistent=False)
         if site.restoring:
             return
         with torch.no_grad():
@@ -115,16 +151,18 @@ class WaRAAdapter(LayerAdapter):
         mapped = nn.functional.linear(nn.functional.linear(bands, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return idwt(mapped, self.low, self.high)[..., : self.fan_out] * self.scale
 
-    def synthesis(self, rows: torch.Tensor, length: int) -> torch.Tensor:
-        """[rows·S_lo; rows·S_hi] (2k x length): each row of ``rows`` (k, n/2) put in one subband and
-        inverse-transformed, i.e. the rows of rows·F_a for the analysis halves F_a (a = lo, hi)."""
-        zero = torch.zeros_like(rows)
-        bands = torch.stack((torch.stack((rows, zero), dim=-2), torch.stack((zero, rows), dim=-2)))
-        return idwt(bands, self.low, self.high).flatten(end_dim=1)[:, :length]
-
     def folded_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Â, B̂) with ΔW = s·B̂ Â: Â = [A F_lo; A F_hi] (2r x in), B̂ = [G_loᵀ B, G_hiᵀ B] (out x 2r), fp32."""
-        return self.synthesis(self.lora_A.float(), self.fan_in), self.synthesis(self.lora_B.float().T, self.fan_out).T
+        """(Â, s·B̂), fp32, with ΔW = s·B̂ Â: Â (2r x in) has rows A F_lo, A F_hi interleaved per rank
+        ((j, lo), (j, hi), ...), s·B̂ (out x 2r) the matching columns s·G_loᵀ B, s·G_hiᵀ B; see the module
+        docstring. Odd sizes: the padded feature is cropped (Â's last column, B̂'s last row)."""
+        r = self.lora_A.shape[0]
+        a = synthesize(self.lora_A.float(), self.taps_in, dim=1).view(2 * r, 2 * self.half_in)
+        b = synthesize(self.lora_B.float(), self.taps_out, dim=0).view(2 * self.half_out, 2 * r)
+        if self.fan_in % 2:
+            a = a[:, : self.fan_in]
+        if self.fan_out % 2:
+            b = b[: self.fan_out]
+        return a, b
 
     def forward(self, layer, x, base):
         """base(x) + s·B̂ Â x: the transforms are folded into the small factors (a rank-2r product on the
@@ -133,7 +171,7 @@ class WaRAAdapter(LayerAdapter):
         h = self.dropout(x)
         a, b = self.folded_factors()
         xa = nn.functional.linear(h.reshape(-1, self.fan_in), a.to(h.dtype))
-        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, (b * self.scale).to(xa.dtype).T)
+        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, b.to(xa.dtype).T)
         return flat.view(out.shape)
 
     def delta_weight(self, layer) -> torch.Tensor:

@@ -61,6 +61,38 @@ def test_fast_path_equals_the_dense_wavelet_domain_update(wavelet):
             assert torch.allclose(layer(x), nn.functional.linear(x, layer.weight + delta.float()), atol=1e-5)
 
 
+def reference_factors(adapter, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Â, s·B̂) from dense float64 analysis matrices: rows A F_lo, A F_hi and columns s·G_loᵀ B, s·G_hiᵀ B,
+    interleaved per rank, cropped to the layer's sizes."""
+    name = "haar" if adapter.low == wavelet_filters("haar")[0] else "db2"
+    hi, ho = adapter.half_in, adapter.half_out
+    f, g = dwt_matrix(2 * hi, name), dwt_matrix(2 * ho, name)
+    a_hat = torch.stack((a @ f[:hi], a @ f[hi:]), dim=1).flatten(end_dim=1)
+    b_hat = adapter.scale * torch.stack((g[:ho].T @ b, g[ho:].T @ b), dim=2).flatten(start_dim=1)
+    return a_hat[:, : adapter.fan_in], b_hat[: adapter.fan_out]
+
+
+@pytest.mark.parametrize("wavelet", ["haar", "db2"])
+@pytest.mark.parametrize("sizes", [(16, 12), (17, 13), (8, 9)])
+def test_folded_factors_and_their_gradients_match_the_dense_transforms(wavelet, sizes):
+    model = nn.Sequential(nn.Linear(*sizes))
+    peftlab.adapt(model, "wara", r=3, targets=["0"], wavelet=wavelet, dropout=0.0)
+    randomise(model)
+    _, adapter = adapters_of(model)[0]
+    a, b = adapter.folded_factors()
+    a64 = adapter.lora_A.detach().double().requires_grad_()
+    b64 = adapter.lora_B.detach().double().requires_grad_()
+    ref_a, ref_b = reference_factors(adapter, a64, b64)
+    assert a.dtype == b.dtype == torch.float32 and a.shape == ref_a.shape and b.shape == ref_b.shape
+    assert torch.allclose(a.double(), ref_a, atol=1e-6) and torch.allclose(b.double(), ref_b, atol=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    cot_a, cot_b = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+    ((a * cot_a).sum() + (b * cot_b).sum()).backward()
+    ((ref_a * cot_a.double()).sum() + (ref_b * cot_b.double()).sum()).backward()
+    assert torch.allclose(adapter.lora_A.grad.double(), a64.grad, atol=1e-5)
+    assert torch.allclose(adapter.lora_B.grad.double(), b64.grad, atol=1e-5)
+
+
 def test_haar_reduces_to_a_kronecker_factor_in_the_interleaved_layout():
     model = peftlab.adapt(tiny_llama(), "wara", r=4)
     randomise(model)
