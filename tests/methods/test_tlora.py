@@ -124,3 +124,96 @@ def test_counts_on_llama_2_7b():
     assert 32 * (4 * q + 2 * up + down) == 2_721_568 and 32 * 4 * q == 1_146_880
     tr = peftlab.TLoRA(r=6, transform_rank=2, residual="tr")
     assert tr.trainable_count(4096, 4096) == 4 * 768 + 36 * 96
+
+
+def reference_forward(adapter, layer, x, params):
+    """y = x (W0 T)ᵀ + b + s·x Δᵀ, written out densely in float64 from (float64 copies of) the parameters:
+    T = the Kronecker product of the rank-1 cores; Δ = B A, or the TR chain over output then input cores."""
+    p = dict(params)
+    w = weight_matrix(layer).detach().double()
+    t = torch.ones(1, 1, dtype=torch.float64)
+    for d in range(len(adapter.transform)):
+        t = torch.kron(t, p[f"transform.{d}"][:, :, 0, 0])
+    if adapter.residual_kind == "lora":
+        delta = p["lora_B"] @ p["lora_A"]
+    else:
+        def chain(prefix, count):
+            out = p[f"{prefix}.0"]
+            for d in range(1, count):
+                core = p[f"{prefix}.{d}"]
+                out = torch.einsum("pab,jbc->pjac", out, core).reshape(-1, out.shape[1], core.shape[2])
+            return out
+        cout, cin = chain("out_cores", len(adapter.out_cores)), chain("in_cores", len(adapter.in_cores))
+        delta = torch.einsum("oab,jba->oj", cout, cin)
+    y = x @ (w @ t).T + adapter.scale * x @ delta.T
+    return y if layer.bias is None else y + layer.bias.detach().double()
+
+
+@pytest.mark.parametrize("cast", [True, False], ids=["fp32-params", "fp64-params"])
+@pytest.mark.parametrize("options", [{"r": 3, "alpha": 2.0},
+                                     {"r": 2, "tensor_shapes": {"32": [4, 8, 1], "48": [3, 1, 16], "128": [1, 16, 8]}},
+                                     {"r": 2, "residual": "tr"}])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_fused_forward_and_backward_match_the_dense_formula(make, options, cast):
+    """The fused Kronecker-transform function (recomputing backward, factors cast together, s on GEMM
+    alphas) against autograd through the dense formula in float64: outputs and the gradients wrt x and
+    every trainable parameter, with and without a gradient for x."""
+    model = peftlab.adapt(make().double(), "tlora", **options)
+    if not cast:
+        model.double()  # adapter parameters in the activations' dtype: no cast at all
+    randomise(model, scale=0.3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if cast else {"rtol": 1e-9, "atol": 1e-10}
+    gen = torch.Generator().manual_seed(1)
+    for layer, adapter in adapters_of(model):
+        names = [name for name, p in adapter.named_parameters() if p.requires_grad]
+        for x_grad in (True, False):
+            x = torch.randn(2, 3, adapter.fan_in, generator=gen, dtype=torch.float64, requires_grad=x_grad)
+            y = layer(x)
+            weights = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+            inputs = ([x] if x_grad else []) + [adapter.get_parameter(n) for n in names]
+            grads = torch.autograd.grad((y * weights).sum(), inputs)
+            params = [(n, adapter.get_parameter(n).detach().double().requires_grad_()) for n in names]
+            x_ref = x.detach().requires_grad_(x_grad)
+            expected = reference_forward(adapter, layer, x_ref, params)
+            torch.testing.assert_close(y, expected, **tol)
+            ref_inputs = ([x_ref] if x_grad else []) + [p for _, p in params]
+            ref_grads = torch.autograd.grad((expected * weights).sum(), ref_inputs)
+            for actual, want, leaf in zip(grads, ref_grads, inputs):
+                assert actual.dtype == leaf.dtype
+                torch.testing.assert_close(actual.double(), want, **tol)
+
+
+def test_backward_keeps_no_token_sized_intermediate():
+    """Autograd keeps x and small tensors only: the transform's intermediate mode products are recomputed
+    in backward (the 1B-shape step kept three extra copies of the input per projection before)."""
+    model = peftlab.adapt(tiny_llama(), "tlora")
+    layer, adapter = next((m, a) for m, a in adapters_of(model) if a.fan_in == 48)  # down_proj: 16·3 modes
+    x = torch.randn(256, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    kept = {x.untyped_storage().data_ptr(), layer.weight.untyped_storage().data_ptr()}
+    big = [tuple(t.shape) for t in saved  # x A^T (tokens x r) is fine, as in LoRA
+           if t.numel() > x.shape[0] * adapter.lora_A.shape[0] and t.untyped_storage().data_ptr() not in kept]
+    assert not big, big
+    y.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in adapter.parameters())
+
+
+def test_fused_function_inside_an_autocast_region():
+    """fp32 model and activations under bf16 autocast (the trainer's setting): the function runs its GEMMs
+    in bf16 like autocast would, and its backward (which autocast does not reach) sees one dtype."""
+    model = peftlab.adapt(tiny_llama(), "tlora", r=2)
+    randomise(model)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss32, grads32), (loss16, grads16) = results
+    assert abs(loss16 - loss32) < 0.02 * loss32
+    for g16, g32 in zip(grads16, grads32):
+        assert g16.dtype == torch.float32 and (g16 - g32).norm() <= 0.1 * g32.norm() + 1e-6
