@@ -160,3 +160,14 @@ def backward_through(layer, fan_in: int, fan_out: int, gen: torch.Generator):
     y = layer(x)
     (y * probe).sum().backward()
     return x, probe, y
+
+
+def assert_same_function(out, expected, pairs, gen: torch.Generator, tol: float = 1e-10) -> None:
+    """``out`` equals the reference ``expected`` (both fp64), and after a backward of one random probe through
+    each, so do the gradients of every (model leaf, reference leaf) in ``pairs``."""
+    assert torch.allclose(out, expected, rtol=tol, atol=tol)
+    probe = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    out.backward(probe)
+    expected.backward(probe)
+    for got, want in pairs:
+        assert torch.allclose(got.grad, want.grad, rtol=tol, atol=tol)
