@@ -11,8 +11,8 @@ the same global batch. The trainer's arithmetic is used: each micro-batch's toke
 global token count, the adapter gradients are summed over ranks (peftlab.train.distributed), AdamW steps.
 Rank 0 prints one JSON row (and appends it to ``--output``): world size, sharding, global tokens/s over
 the timed steps, the per-step losses, and the peak GiB of the busiest rank. The base is random (seed 0 on
-every rank), LoRA r 16 on all seven projections, bf16 on GPU. ``--shape tiny-llama --device cpu`` checks the
-script on CPU (gloo under torchrun).
+every rank) and built as ``peftlab bench speed`` builds it (bf16, SDPA), with LoRA r 16 on all seven
+projections. ``--shape tiny-llama --device cpu`` checks the script on CPU (gloo under torchrun).
 """
 
 from __future__ import annotations
@@ -26,26 +26,15 @@ from pathlib import Path
 import torch
 
 import peftlab
-from peftlab.bench.speed import LORA
-from peftlab.budget import architecture_config
+from peftlab.bench.speed import LORA, build_model
 from peftlab.train import distributed
 from peftlab.train.loss import SupervisedLoss
 
 
 def build(shape: str, checkpointing: bool, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    config = architecture_config(shape)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)  # the same base on every rank
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.requires_grad_(False)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, config = build_model(shape, checkpointing, device)  # the speed benchmark's: bf16, SDPA, frozen
     peftlab.adapt(model, "lora", **LORA)
-    model.train()
     return model, config
 
 

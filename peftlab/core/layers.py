@@ -74,3 +74,18 @@ def add_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale:
     """out + scale · x weightᵀ as one addmm: no separate pass over the output in forward or backward."""
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), weight.to(x.dtype).T, alpha=scale)
     return flat.view(out.shape)
+
+
+def apply_dense_delta(layer: nn.Module, x: torch.Tensor, base, delta: torch.Tensor, *, folded: bool,
+                      scale: float = 1.0, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's output with a dense update s·ΔW: (W + s·ΔW) x + b in the layer's one product when ``folded``
+    (core.inject.folds_into), else base(x) + s·ΔW h as one addmm (h: ``adapter_input``, x when None)."""
+    if folded:
+        return linear(x, torch.add(weight_matrix(layer), delta, alpha=scale), layer.bias)
+    return add_product(base(x), x if adapter_input is None else adapter_input, delta, scale)
+
+
+def dense_delta_products(folded: bool, backward: bool) -> int:
+    """Products of the layer's size (tokens·in·out multiply-adds) a dense ΔW adds to one call: ΔW x, its input
+    gradient and ΔW's gradient; folded into W's own product, only ΔW's gradient is extra."""
+    return int(backward) if folded else 1 + 2 * int(backward)

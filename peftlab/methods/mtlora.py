@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError, MergeError
-from peftlab.core.layers import linear
+from peftlab.core.layers import add_product, linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 from peftlab.core.tasks import current_task_ids
@@ -222,8 +222,7 @@ def routed_update(out: torch.Tensor, x: torch.Tensor, a_all: torch.Tensor, b_all
         xa = rows.reshape(-1, xa.shape[-1])
     elif coefficients is not None and not (isinstance(coefficients, float) and coefficients == 1.0):
         b_all = b_all * coefficients
-    flat = torch.addmm(out.reshape(-1, out.shape[-1]), xa, b_all.to(xa.dtype).T)
-    return flat.view(out.shape)
+    return add_product(out, xa, b_all)
 
 
 def kaiming_uniform(shape: tuple[int, ...], fan_in: int, device) -> torch.Tensor:

@@ -78,7 +78,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, linear, weight_matrix
+from peftlab.core.layers import add_product, apply_dense_delta, dense_delta_products
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -258,16 +258,15 @@ class QWHAAdapter(LayerAdapter):
             return self.forward_mode == "dense"
         backward = int(torch.is_grad_enabled() and self.spectrum.requires_grad)
         per_row = self.size * sum(hadamard_blocks(self.size))  # one transform of a length-N row
-        products = backward if folded else 1 + 2 * backward
-        dense = (1 + backward) * self.fan_out * per_row + products * tokens * self.fan_out * self.fan_in
+        dense = ((1 + backward) * self.fan_out * per_row
+                 + dense_delta_products(folded, backward) * tokens * self.fan_out * self.fan_in)
         activations = (1 + backward) * tokens * per_row + (1 + 2 * backward) * tokens * self.fan_out * self.size
         return dense < activations
 
     def forward(self, layer, x, base):
         folded = folds_into(layer)
         if self.use_dense(x.numel() // self.fan_in, folded):
-            delta = self.dense_delta(x.dtype, x.device)
-            return linear(x, weight_matrix(layer) + delta, layer.bias) if folded else add_product(base(x), x, delta)
+            return apply_dense_delta(layer, x, base, self.dense_delta(x.dtype, x.device), folded=folded)
         transformed = fwht(pad_last(x, self.size))
         return add_product(base(x), transformed, self.spectrum_matrix(x.dtype, x.device))
 

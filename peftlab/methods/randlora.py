@@ -69,7 +69,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, features, is_linear, linear, weight_matrix
+from peftlab.core.layers import add_product, apply_dense_delta, dense_delta_products, features, is_linear, linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -167,8 +167,7 @@ class RandLoRAAdapter(LayerAdapter):
             return self.forward_mode == "dense"
         backward = int(torch.is_grad_enabled() and self.randlora_lambda.requires_grad)
         big, small = self.max_dim, self.min_dim
-        products = backward if folded else 1 + 2 * backward
-        dense = (1 + backward) * big * small * self.k + products * tokens * big * small
+        dense = (1 + backward) * big * small * self.k + dense_delta_products(folded, backward) * tokens * big * small
         factored = tokens * self.k * ((1 + backward) * (big + small) + backward * small)
         return dense < factored
 
@@ -182,10 +181,8 @@ class RandLoRAAdapter(LayerAdapter):
         folded = not dropped and folds_into(layer)
         h = self.dropout(x)
         if self.use_dense(h.numel() // self.fan_in, folded):
-            delta = self.dense_delta(h.dtype)
-            if folded:
-                return linear(x, torch.add(weight_matrix(layer), delta, alpha=self.scale), layer.bias)
-            return add_product(base(x), h, delta, self.scale)
+            return apply_dense_delta(layer, x, base, self.dense_delta(h.dtype), folded=folded, scale=self.scale,
+                                     adapter_input=h)
         scaled, b = self.factors(h.dtype)
         if self.min_dim == self.fan_in:  # s (x Âᵀ) B_flatᵀ
             return add_product(base(x), linear(h, scaled), b, self.scale)

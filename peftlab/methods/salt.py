@@ -87,7 +87,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftlab.core.layers import linear, weight_matrix
+from peftlab.core.layers import add_product, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -224,7 +224,7 @@ class SALTAdapter(LayerAdapter):
         if self.direct:  # y = W'x + b: W0 is not used
             return linear(update, basis, layer.bias).view(*x.shape[:-1], -1)
         out = base(x)  # y = base(x) + ΔW x, the sum riding on the last product (addmm)
-        return torch.addmm(out.reshape(flat.shape[0], -1), update, basis.T).view(out.shape)
+        return add_product(out, update, basis)
 
     def delta_weight(self, layer) -> torch.Tensor:
         product = self._product(torch.float32)

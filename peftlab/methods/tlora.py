@@ -63,7 +63,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftlab.core.layers import linear, weight_matrix
+from peftlab.core.layers import add_product, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -319,8 +319,7 @@ class TLoRAAdapter(LayerAdapter):
             out = base(self.transform_input(x))
             a, b = cast_together([self.lora_A, self.lora_B * self.scale], x.dtype)
             xa = torch.mm(x2d, a.T)
-        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, b.T)  # the LoRA residual as one addmm
-        return flat.view(out.shape)
+        return add_product(out, xa, b)  # the LoRA residual as one addmm
 
     def residual_matrix(self) -> torch.Tensor:
         if self.residual_kind == "lora":

@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import linear
+from peftlab.core.layers import add_product, linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
@@ -165,9 +165,7 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         out = base(x)
         core = (torch.stack([self.lower, self.upper]) * self.folded_masks()).sum(0)
         xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A)
-        bc = (self.lora_B @ core).to(xa.dtype)
-        flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, bc.T)
-        return flat.view(out.shape)
+        return add_product(out, xa, self.lora_B @ core)
 
     def delta_weight(self, layer) -> torch.Tensor:
         m = self.mask()

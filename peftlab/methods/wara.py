@@ -60,6 +60,7 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
+from peftlab.core.layers import add_product
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -171,8 +172,7 @@ class WaRAAdapter(LayerAdapter):
         h = self.dropout(x)
         a, b = self.folded_factors()
         xa = nn.functional.linear(h.reshape(-1, self.fan_in), a.to(h.dtype))
-        flat = torch.addmm(out.reshape(-1, self.fan_out), xa, b.to(xa.dtype).T)
-        return flat.view(out.shape)
+        return add_product(out, xa, b)
 
     def delta_weight(self, layer) -> torch.Tensor:
         eye = torch.eye(self.fan_in, device=self.lora_A.device)

@@ -127,9 +127,8 @@ class Distributed:
             torch.manual_seed(derived)
 
 
-def shard_frozen_base(model: torch.nn.Module, job: Distributed) -> int:
-    """Split the frozen weights of every transformer block across the ranks (FSDP2 ``fully_shard``); returns
-    the number of blocks sharded.
+def shard_frozen_base(model: torch.nn.Module, job: Distributed) -> None:
+    """Split the frozen weights of every transformer block across the ranks (FSDP2 ``fully_shard``).
 
     Each block's frozen parameters become 1/world_size shards on the rank's device, gathered for that block's
     forward and again for its backward, then freed. The trainable (adapter) parameters are left out of the
@@ -156,7 +155,6 @@ def shard_frozen_base(model: torch.nn.Module, job: Distributed) -> int:
         in_blocks |= own
     fully_shard(body, mesh=mesh, ignored_params=(set(body.parameters()) - in_blocks) | trainable)
     _move_unsharded(model, job.device)
-    return len(blocks)
 
 
 def _move_unsharded(model: torch.nn.Module, device: torch.device) -> None:

@@ -166,12 +166,12 @@ class Trainer:
         self.checkpoints = self.output / "checkpoints"
         self.sharded = args.shard and self.dist.enabled
         if model is None:
-            from peftlab.models import load_model
+            from peftlab.models import default_dtype, load_model
 
-            # Sharded runs load into host memory: the rank's device then receives only its shards.
-            gpu_dtype = torch.bfloat16 if torch.cuda.is_available() else None
-            model, tokenizer = (load_model(args.model, device="cpu", dtype=gpu_dtype) if self.sharded
-                                else load_model(args.model))
+            # Sharded runs load into host memory, in the dtype of the rank's device, which then receives
+            # only its shards.
+            model, tokenizer = (load_model(args.model, device="cpu", dtype=default_dtype(self.dist.device))
+                                if self.sharded else load_model(args.model))
         if self.dist.enabled and not self.sharded and next(model.parameters()).device != self.dist.device:
             model.to(self.dist.device)  # each rank on its own GPU, whatever device the caller loaded to
         self.model, self.tokenizer = model, tokenizer
