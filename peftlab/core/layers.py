@@ -89,3 +89,45 @@ def dense_delta_products(folded: bool, backward: bool) -> int:
     """Products of the layer's size (tokens·in·out multiply-adds) a dense ΔW adds to one call: ΔW x, its input
     gradient and ΔW's gradient; folded into W's own product, only ΔW's gradient is extra."""
     return int(backward) if folded else 1 + 2 * int(backward)
+
+
+class _FoldedLowRank(torch.autograd.Function):
+    """y = x (W + B A)ᵀ + b for a frozen W, b: one product of the layer's size each way, no dense gradient.
+
+    Forward and the input gradient use the merged matrix W + B A (built twice: a pass over the weight is
+    cheaper than passes over the activations once tokens exceed about the layer's width); A and B get their
+    gradients from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ). Only x is saved (it is kept anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b):
+        ctx.save_for_backward(x, weight, a, b)
+        return nn.functional.linear(x, torch.addmm(weight, b, a), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b = ctx.saved_tensors
+        flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = (grad @ torch.addmm(weight, b, a)) if ctx.needs_input_grad[0] else None
+        grad_a = (flat_grad @ b).T @ flat_x if ctx.needs_input_grad[3] else None
+        grad_b = flat_grad.T @ (flat_x @ a.T) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b
+
+
+def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """The layer's output with a low-rank update, (W + s·B A) x + b, as one product of the layer's size: for
+    adapters alone on a plain, frozen layer (``folds_low_rank``). A and B may be kept in a wider dtype than x."""
+    return _FoldedLowRank.apply(x, weight_matrix(layer), layer.bias, a.to(x.dtype), (b * scale).to(x.dtype))
+
+
+def folds_low_rank(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a low-rank update on ``layer`` is cheaper merged into W for this input: the weight and bias are
+    frozen and share x's dtype outside autocast, and there are at least as many tokens as the harmonic mean of
+    the layer's widths (building W + B A twice then moves less memory than the low-rank path's extra passes
+    over the activations). The caller checks that the adapter is alone on the layer (core.inject.folds_into)."""
+    weight, bias = layer.weight, layer.bias
+    if weight.requires_grad or weight.dtype != x.dtype or (bias is not None and bias.requires_grad):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    fan_out, fan_in = weight_matrix(layer).shape
+    return x.numel() // fan_in * (fan_in + fan_out) >= 2 * fan_in * fan_out

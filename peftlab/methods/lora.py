@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import linear, weight_matrix
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import folded_low_rank, folds_low_rank, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -67,8 +68,12 @@ class LoRAAdapter(LayerAdapter):
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, layer, x, base):
-        """base(x) + s·B A dropout(x): the scale rides on B's cast and the sum on the B-GEMM (addmm),
-        so no extra pass over the output is made in forward or backward."""
+        """base(x) + s·B A dropout(x). Alone on a plain layer, without dropout and for enough tokens, as one
+        product (W + s·B A) x + b (core.layers.folded_low_rank); otherwise the scale rides on B's cast and
+        the sum on the B-GEMM (addmm), so no extra pass over the output is made in forward or backward."""
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        if not (dropping or self.principal) and folds_into(layer) and folds_low_rank(layer, x):
+            return folded_low_rank(layer, x, self.lora_A, self.lora_B, self.scale)
         out = base(x)
         flat = out.reshape(-1, out.shape[-1])
         flat = _add_low_rank(flat, self.dropout(x), self.lora_A, self.lora_B, self.scale)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import peftlab
 from peftlab.core.inject import hosts
+from peftlab.core.layers import weight_matrix
 
-from ..conftest import assert_same_function, make_inputs, output_of, tiny_llama
+from ..conftest import assert_same_function, make_inputs, output_of, stack_under_lora, tiny_llama
 
 CASES = {
     "lora": {"r": 4},
@@ -155,6 +157,62 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
         out = model(x_got)
         assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b),
                                              (adapter.magnitude, m)), gen)
+
+
+def _folded(out) -> bool:
+    return type(out.grad_fn).__name__.startswith("_FoldedLowRank")
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_alone_on_a_layer_runs_as_one_merged_product(bias, conv1d):
+    """float64 against (W0 + s·B A) x + b: output and the gradients of x, A and B (no dense gradient is formed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = _OneLinear(bias)
+    if conv1d:
+        model.proj = Conv1D(10, 12).double()
+        if not bias:
+            model.proj.bias = None
+    peftlab.adapt(model, "lora", r=3, alpha=5.0, dropout=0.0).double()
+    adapter = first_adapter(model)
+    with torch.no_grad():
+        adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=gen, dtype=torch.float64))
+    a, b = (p.detach().clone().requires_grad_() for p in (adapter.lora_A, adapter.lora_B))
+    x = torch.randn(4, 8, 12, generator=gen, dtype=torch.float64)
+    x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight = weight_matrix(model.proj).detach()
+    expected = torch.nn.functional.linear(x_ref, weight + adapter.scale * b @ a, model.proj.bias)
+    out = model(x_got)
+    assert _folded(out)
+    assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b)), gen)
+    assert model.proj.weight.grad is None
+
+
+def test_lora_keeps_the_separate_low_rank_path_where_folding_does_not_pay_or_apply():
+    gen = torch.Generator().manual_seed(0)
+    model = peftlab.adapt(_OneLinear(True), "lora", r=3, dropout=0.1).double()
+    many = torch.randn(4, 8, 12, generator=gen, dtype=torch.float64)
+    assert not _folded(model(many))  # dropout sees another input than W
+    model.eval()
+    assert _folded(model(many))
+    assert not _folded(model(many[:1, :1]))  # one token: W + B A costs more than it saves
+    stack_under_lora(model)
+    assert not _folded(model(many))  # base(x) already holds the other adapter
+
+
+def test_folded_lora_trains_fp32_factors_from_bf16_activations():
+    model = _OneLinear(True)
+    model.proj = torch.nn.Linear(12, 10, dtype=torch.bfloat16)
+    peftlab.adapt(model, "lora", r=3, dropout=0.0)
+    adapter = first_adapter(model)
+    out = model(torch.randn(4, 8, 12, dtype=torch.bfloat16))
+    assert _folded(out) and out.dtype == torch.bfloat16
+    out.float().pow(2).sum().backward()
+    assert adapter.lora_A.grad.dtype == adapter.lora_B.grad.dtype == torch.float32
+    assert adapter.lora_B.grad.abs().sum() > 0
 
 
 def test_dora_row_norm_stays_fp32_inside_autocast():

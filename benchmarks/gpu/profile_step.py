@@ -1,0 +1,106 @@
+"""Where a peftlab training step spends GPU time: `python benchmarks/gpu/profile_step.py lora [--shape S] ...`.
+
+Times the same steps as peftlab.bench.speed (blocks compiled unless --eager), then profiles two steps and
+prints the kernel time per step split into products (GEMMs), attention, compiled (Triton) kernels and the
+rest; the products' time split into low-rank ones (a dimension <= --rank-max) and those of the model's
+own size; and the longest kernels and products (with their input shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import peftlab
+from peftlab.bench.speed import OPTIONS, build_model, time_steps
+from peftlab.methods import lora
+from peftlab.train.loss import SupervisedLoss
+
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
+
+
+def gpu_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def is_kernel(event) -> bool:
+    return getattr(event, "device_type", None) == DeviceType.CUDA
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered:
+        return "attention"
+    if any(key in lowered for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "products"
+    return "compiled kernels" if lowered.startswith("triton") else "other"
+
+
+def product_kind(event, rank_max: int) -> str:
+    dims = [d for shape in event.input_shapes for d in shape if isinstance(d, int)]
+    return "low-rank" if dims and min(dims) <= rank_max else "model-size"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("method")
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--rank-max", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--unfolded", action="store_true", help="LoRA keeps its separate low-rank products")
+    args = parser.parse_args()
+    if args.unfolded:
+        lora.folds_low_rank = lambda layer, x: False
+    device = torch.device("cuda")
+    model, config = build_model(args.shape, args.checkpointing, device)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    peftlab.adapt(model, peftlab.method_class(args.method)(**OPTIONS.get(args.method, {})))
+    loss_fn = SupervisedLoss(model, compile_body=not args.eager)
+
+    def step():
+        total, count = loss_fn(batch)
+        (total / count).backward()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    seconds, peak = time_steps(step, params, 3, 6)
+    print(f"{args.shape} {args.method}: {args.batch * args.seq / seconds:,.0f} tok/s, {seconds * 1e3:.1f} ms/step, "
+          f"peak {peak:.2f} GiB", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(2):
+            step()
+            for p in params:
+                p.grad = None
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if gpu_us(e) > 0),
+                    key=gpu_us, reverse=True)
+    kernels = [e for e in events if is_kernel(e)]
+    products = [e for e in events if not is_kernel(e) and e.key in PRODUCTS]
+    print_split("kernel time per step", kernels, lambda e: kernel_kind(e.key))
+    print_split("products", products, lambda e: product_kind(e, args.rank_max))
+    for title, rows in (("kernels", kernels), ("products by shape", products)):
+        print(f"-- {title}, longest first (ms per step, calls per step)")
+        for e in rows[:args.rows]:
+            shapes = str([s for s in e.input_shapes if s])[:80]
+            print(f"{gpu_us(e) / 2e3:8.2f} ms {e.count // 2:5d}x  {e.key[:70]:70s} {shapes}")
+
+
+def print_split(title: str, events, classify) -> None:
+    total, classes = 0.0, {}
+    for e in events:
+        total += gpu_us(e)
+        classes[classify(e)] = classes.get(classify(e), 0.0) + gpu_us(e)
+    print(f"{title}: {total / 2e3:.1f} ms: " + ", ".join(
+        f"{name} {us / 2e3:.1f} ms ({us / max(total, 1e-9):.0%})"
+        for name, us in sorted(classes.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    main()
