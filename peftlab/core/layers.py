@@ -92,31 +92,47 @@ def dense_delta_products(folded: bool, backward: bool) -> int:
 
 
 class _FoldedLowRank(torch.autograd.Function):
-    """y = x (W + B A)ᵀ + b for a frozen W, b: one product of the layer's size each way, no dense gradient.
+    """y = g ⊙ x (W + B A)ᵀ + b for a frozen W, b (g: an optional per-output gain, as DoRA's): one product of
+    the layer's size each way, no dense gradient.
 
     Forward and the input gradient use the merged matrix W + B A (built twice: a pass over the weight is
     cheaper than passes over the activations once tokens exceed about the layer's width); A and B get their
-    gradients from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ). Only x is saved (it is kept anyway)."""
+    gradients from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ). Saved: x (kept anyway) and, with a gain, the
+    product before it (for the gain's gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b):
-        ctx.save_for_backward(x, weight, a, b)
-        return nn.functional.linear(x, torch.addmm(weight, b, a), bias)
+    def forward(ctx, x, weight, bias, a, b, gain):
+        product = nn.functional.linear(x, torch.addmm(weight, b, a), None if gain is not None else bias)
+        ctx.save_for_backward(x, weight, a, b, gain, product if gain is not None else None)
+        if gain is None:
+            return product
+        return product * gain if bias is None else torch.addcmul(bias, product, gain)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b = ctx.saved_tensors
+        x, weight, a, b, gain, product = ctx.saved_tensors
+        grad_gain = None
+        if gain is not None:
+            width = grad.shape[-1]
+            if ctx.needs_input_grad[5]:
+                terms = grad.reshape(-1, width) * product.reshape(-1, width)
+                grad_gain = terms.sum(0, dtype=torch.promote_types(gain.dtype, torch.float32)).to(gain.dtype)
+            grad = grad * gain
         flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_x = (grad @ torch.addmm(weight, b, a)) if ctx.needs_input_grad[0] else None
         grad_a = (flat_grad @ b).T @ flat_x if ctx.needs_input_grad[3] else None
         grad_b = flat_grad.T @ (flat_x @ a.T) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b
+        return grad_x, None, None, grad_a, grad_b, grad_gain
 
 
-def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The layer's output with a low-rank update, (W + s·B A) x + b, as one product of the layer's size: for
-    adapters alone on a plain, frozen layer (``folds_low_rank``). A and B may be kept in a wider dtype than x."""
-    return _FoldedLowRank.apply(x, weight_matrix(layer), layer.bias, a.to(x.dtype), (b * scale).to(x.dtype))
+def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                    gain: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's output with a low-rank update, (W + s·B A) x + b, or g ⊙ (W + s·B A) x + b with a per-output
+    ``gain``, as one product of the layer's size: for adapters alone on a plain, frozen layer
+    (``folds_low_rank``). A, B and the gain may be kept in a wider dtype than x."""
+    dtype = x.dtype
+    return _FoldedLowRank.apply(x, weight_matrix(layer), layer.bias, a.to(dtype), (b * scale).to(dtype),
+                                None if gain is None else gain.to(dtype))
 
 
 def folds_low_rank(layer: nn.Module, x: torch.Tensor) -> bool:

@@ -141,16 +141,20 @@ class DoRAAdapter(LoRAAdapter):
 
     def forward(self, layer, x, base):
         """m ⊙ (W0 + s·B A) x / ‖·‖_row + b, the norm a constant (computed without autograd). A's cast to
-        the activations' dtype serves both W0 Aᵀ (norm) and x Aᵀ when W0 has that dtype; the gain m / ‖·‖
-        is one (out,) op and the low-rank sum rides on the B-GEMM (addmm)."""
-        out = base(x)
+        the activations' dtype serves both W0 Aᵀ (norm) and x Aᵀ when W0 has that dtype. Where LoRA's update
+        folds into the layer's product (see LoRAAdapter.forward), so does this one, with the gain m / ‖·‖
+        applied to its output; otherwise the gain is one (out,) op and the low-rank sum rides on the B-GEMM."""
         w = weight_matrix(layer)
         a_x = self.lora_A.to(x.dtype)
         with torch.no_grad():
             norm = self._row_norm(w, a_x if w.dtype == x.dtype else self.lora_A.to(w.dtype))
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        if not dropping and folds_into(layer) and folds_low_rank(layer, x):
+            return folded_low_rank(layer, x, a_x, self.lora_B, self.scale, gain=self.magnitude / norm)
+        out = base(x)
         gain = (self.magnitude / norm).to(out.dtype)
         h = self.dropout(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if dropping:
             # The paper's form, W0 seeing the dropped input: out + (g - 1)·W0 h + g·s·B A h, computed as
             # out - W0 h + g·(W0 h + s·B A h) (one addmm and three passes over the output, not five).
             base_wx = linear(h, w)

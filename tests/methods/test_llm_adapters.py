@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -132,8 +133,8 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
     """float64 against y = W0 x + b + (g - 1)·W0 h + g·s·B A h, g = m / ‖W0 + s·B A‖_row (a constant in
     backward), h = dropout(x); without dropout (or in eval) h = x and this is g·(W0 + s·B A) x + b."""
     gen = torch.Generator().manual_seed(0)
-    for bias, dropout, training in [(False, 0.0, True), (True, 0.0, True), (True, 0.3, True), (False, 0.3, True),
-                                    (True, 0.3, False)]:
+    cases = [(False, 0.0, True), (True, 0.0, True), (True, 0.3, True), (False, 0.3, True), (True, 0.3, False)]
+    for (bias, dropout, training), tokens in itertools.product(cases, [(2, 5), (4, 8)]):
         torch.manual_seed(0)
         model = peftlab.adapt(_OneLinear(bias), "dora", r=3, alpha=5.0, dropout=dropout).double()
         model.train(training)
@@ -144,7 +145,7 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
             adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=gen, dtype=torch.float64))
             adapter.magnitude.mul_(1 + 0.3 * torch.rand(adapter.magnitude.shape, generator=gen, dtype=torch.float64))
         a, b, m = (p.detach().clone().requires_grad_() for p in (adapter.lora_A, adapter.lora_B, adapter.magnitude))
-        x = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
+        x = torch.randn(*tokens, 12, generator=gen, dtype=torch.float64)
         x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
 
         w = layer.weight.detach()
@@ -155,6 +156,7 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
                     + gain * adapter.scale * (h @ a.T @ b.T))
         torch.manual_seed(5)
         out = model(x_got)
+        assert _folded(out) == (tokens == (4, 8) and not (dropout and training))  # 32 tokens > 12·10 / 22·2
         assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b),
                                              (adapter.magnitude, m)), gen)
 
