@@ -76,6 +76,16 @@ def add_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale:
     return flat.view(out.shape)
 
 
+def low_rank_update(layer: nn.Module, x: torch.Tensor, base, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                    *, folded: bool) -> torch.Tensor:
+    """base(x) + s·B A x: as the layer's one product (W + s·B A) x + b when ``folded`` (the adapter is alone on a
+    plain layer, core.inject.folds_into, and sees the layer's own input) and the tokens make it pay
+    (``folds_low_rank``); else the sum rides on the B-GEMM (one addmm)."""
+    if folded and folds_low_rank(layer, x):
+        return folded_low_rank(layer, x, a, b, scale)
+    return add_product(base(x), linear(x, a), b, scale)
+
+
 def apply_dense_delta(layer: nn.Module, x: torch.Tensor, base, delta: torch.Tensor, *, folded: bool,
                       scale: float = 1.0, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's output with a dense update s·ΔW: (W + s·ΔW) x + b in the layer's one product when ``folded``
@@ -91,48 +101,81 @@ def dense_delta_products(folded: bool, backward: bool) -> int:
     return int(backward) if folded else 1 + 2 * int(backward)
 
 
+def _folded_product(x, weight, bias, a, b):
+    return nn.functional.linear(x, torch.addmm(weight, b, a), bias)
+
+
+def _folded_grads(grad, x, weight, a, b, needs_x: bool, needs_a: bool, needs_b: bool):
+    """Gradients of x (W + B A)ᵀ + b for x, A and B: x's through the merged matrix (built again), A's and B's
+    from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ)."""
+    flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    grad_x = (grad @ torch.addmm(weight, b, a)) if needs_x else None
+    grad_a = (flat_grad @ b).T @ flat_x if needs_a else None
+    grad_b = flat_grad.T @ (flat_x @ a.T) if needs_b else None
+    return grad_x, grad_a, grad_b
+
+
 class _FoldedLowRank(torch.autograd.Function):
-    """y = g ⊙ x (W + B A)ᵀ + b for a frozen W, b (g: an optional per-output gain, as DoRA's): one product of
-    the layer's size each way, no dense gradient.
+    """y = x (W + B A)ᵀ + b for a frozen W, b: one product of the layer's size each way, no dense gradient.
 
     Forward and the input gradient use the merged matrix W + B A (built twice: a pass over the weight is
-    cheaper than passes over the activations once tokens exceed about the layer's width); A and B get their
-    gradients from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ). Saved: x (kept anyway) and, with a gain, the
-    product before it (for the gain's gradient)."""
+    cheaper than passes over the activations once tokens exceed about the layer's width). Saved: x (kept
+    anyway), W, A and B."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, gain):
-        product = nn.functional.linear(x, torch.addmm(weight, b, a), None if gain is not None else bias)
-        ctx.save_for_backward(x, weight, a, b, gain, product if gain is not None else None)
-        if gain is None:
-            return product
-        return product * gain if bias is None else torch.addcmul(bias, product, gain)
+    def forward(ctx, x, weight, bias, a, b):
+        ctx.save_for_backward(x, weight, a, b)
+        return _folded_product(x, weight, bias, a, b)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b, gain, product = ctx.saved_tensors
-        grad_gain = None
-        if gain is not None:
-            width = grad.shape[-1]
-            if ctx.needs_input_grad[5]:
-                terms = grad.reshape(-1, width) * product.reshape(-1, width)
-                grad_gain = terms.sum(0, dtype=torch.promote_types(gain.dtype, torch.float32)).to(gain.dtype)
-            grad = grad * gain
-        flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_x = (grad @ torch.addmm(weight, b, a)) if ctx.needs_input_grad[0] else None
-        grad_a = (flat_grad @ b).T @ flat_x if ctx.needs_input_grad[3] else None
-        grad_b = flat_grad.T @ (flat_x @ a.T) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_a, grad_b, grad_gain
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
+        return grad_x, None, None, grad_a, grad_b
+
+
+# The same function as an operator opaque to torch.compile: traced through, the autograd function's merged
+# W + B A would be saved for backward (the partitioner never recomputes a matmul), a second copy of every
+# adapted weight held from forward to backward.
+@torch.library.custom_op("peftlab::folded_low_rank", mutates_args=())
+def _folded_low_rank_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                        b: torch.Tensor) -> torch.Tensor:
+    return _folded_product(x, weight, bias, a, b)
+
+
+@_folded_low_rank_op.register_fake
+def _(x, weight, bias, a, b):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _save_folded_inputs(ctx, inputs, output):
+    x, weight, _, a, b = inputs
+    ctx.save_for_backward(x, weight, a, b)
+
+
+def _folded_op_backward(ctx, grad):
+    needs = ctx.needs_input_grad
+    grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
+    return grad_x, None, None, grad_a, grad_b
+
+
+_folded_low_rank_op.register_autograd(_folded_op_backward, setup_context=_save_folded_inputs)
 
 
 def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                     gain: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output with a low-rank update, (W + s·B A) x + b, or g ⊙ (W + s·B A) x + b with a per-output
     ``gain``, as one product of the layer's size: for adapters alone on a plain, frozen layer
-    (``folds_low_rank``). A, B and the gain may be kept in a wider dtype than x."""
+    (``folds_low_rank``). A, B and the gain may be kept in a wider dtype than x. Eager calls take an autograd
+    function (cheaper to dispatch), compiled code the equivalent opaque operator."""
     dtype = x.dtype
-    return _FoldedLowRank.apply(x, weight_matrix(layer), layer.bias, a.to(dtype), (b * scale).to(dtype),
-                                None if gain is None else gain.to(dtype))
+    folded = _folded_low_rank_op if torch.compiler.is_compiling() else _FoldedLowRank.apply
+    bias = layer.bias if gain is None else None
+    product = folded(x, weight_matrix(layer), bias, a.to(dtype), (b * scale).to(dtype))
+    if gain is None:
+        return product
+    gain = gain.to(dtype)
+    return product * gain if layer.bias is None else torch.addcmul(layer.bias, product, gain)
 
 
 def folds_low_rank(layer: nn.Module, x: torch.Tensor) -> bool:

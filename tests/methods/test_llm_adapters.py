@@ -162,7 +162,13 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
 
 
 def _folded(out) -> bool:
-    return type(out.grad_fn).__name__.startswith("_FoldedLowRank")
+    """Whether the folded product made ``out`` (DoRA's gain and bias follow it as one more node)."""
+    nodes = [out.grad_fn]
+    for _ in range(2):
+        if any(type(node).__name__.startswith("_FoldedLowRank") for node in nodes):
+            return True
+        nodes = [nxt for node in nodes if node is not None for nxt, _ in node.next_functions]
+    return False
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -203,6 +209,34 @@ def test_lora_keeps_the_separate_low_rank_path_where_folding_does_not_pay_or_app
     assert not _folded(model(many[:1, :1]))  # one token: W + B A costs more than it saves
     stack_under_lora(model)
     assert not _folded(model(many))  # base(x) already holds the other adapter
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_compiled_fold_matches_eager_and_saves_no_merged_weight(method):
+    """Traced through, the merged W + s·B A would be saved for backward (a copy of every adapted weight); the
+    compiled fold saves only W itself besides x and the factors."""
+    torch.manual_seed(0)
+    model = peftlab.adapt(_OneLinear(True), method, r=3, dropout=0.0).double()
+    with torch.no_grad():
+        first_adapter(model).lora_B.normal_()
+    x = torch.randn(4, 8, 12, dtype=torch.float64, requires_grad=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [x, *params])
+    weight_shaped = []
+
+    def pack(t):
+        if t.shape == model.proj.weight.shape:
+            weight_shaped.append(t.data_ptr() == model.proj.weight.data_ptr())
+        return t
+
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x)
+    assert weight_shaped == [True]
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out.pow(2).sum(), [x, *params]), expected_grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_folded_lora_trains_fp32_factors_from_bf16_activations():
