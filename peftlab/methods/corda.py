@@ -21,7 +21,9 @@ subtracts the frozen initial factors in the forward::
 
     y = W0 x + b + s·B A dropout(x) - s·B0 A0 x       (= W_res x + b + s·B A dropout(x))
 
-so the output equals the base at init (B = B0, A = A0) and ``disabled`` is the base exactly. A0 and B0
+so the output equals the base at init (B = B0, A = A0) and ``disabled`` is the base exactly. Without
+dropout both pairs see x and run as one rank-2r pair [B, -B0] [A; A0], folded into the layer's own
+product where that pays (as LoRA's), so at init the output is the base up to that product's rounding. A0 and B0
 depend on the calibration data, which is not seen again on load, so they are persistent buffers
 (saved with the adapter, next to A and B). Loading onto other base weights only warns: the saved
 tensors fully determine ΔW = s(B A - B0 A0).
@@ -57,7 +59,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import linear, weight_matrix
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import add_product, linear, low_rank_update, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -159,9 +162,19 @@ class CorDAAdapter(LayerAdapter):
                 target.copy_(value)
 
     def forward(self, layer, x, base):
-        update = linear(linear(self.dropout(x), self.lora_A), self.lora_B)
-        frozen = linear(linear(x, self.base_A), self.base_B)
-        return base(x) + (update - frozen) * self.scale
+        """B A and -B0 A0 as one rank-2r pair where both see x (no dropout): folded into the layer's product
+        where that pays (core.layers.low_rank_update), else one addmm; with dropout, one addmm each."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            out = add_product(base(x), linear(self.dropout(x), self.lora_A), self.lora_B, self.scale)
+            return add_product(out, linear(x, self.base_A), self.base_B, -self.scale)
+        a, b = self.stacked_factors()
+        return low_rank_update(layer, x, base, a, b, self.scale, folded=folds_into(layer))
+
+    def stacked_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[A; A0], [B, -B0]: s·(B A - B0 A0) as one rank-2r pair."""
+        a = torch.cat([self.lora_A, self.base_A.to(self.lora_A.dtype)])
+        b = torch.cat([self.lora_B, -self.base_B.to(self.lora_B.dtype)], dim=1)
+        return a, b
 
     def delta_weight(self, layer) -> torch.Tensor:
         return self.scale * (self.lora_B.float() @ self.lora_A.float() - self.base_B.float() @ self.base_A.float())
@@ -172,8 +185,7 @@ class CorDAAdapter(LayerAdapter):
 
     def to_peft(self) -> dict[str, torch.Tensor]:
         """ΔW = s(B A - B0 A0) against the original W0 as a rank-2r LoRA pair [B, -B0], [A; A0]."""
-        a = torch.cat([self.lora_A.detach(), self.base_A.to(self.lora_A.dtype)])
-        b = torch.cat([self.lora_B.detach(), -self.base_B.to(self.lora_B.dtype)], dim=1)
+        a, b = (factor.detach() for factor in self.stacked_factors())
         return {"lora_A.weight": a, "lora_B.weight": b}
 
 
