@@ -171,3 +171,14 @@ def assert_same_function(out, expected, pairs, gen: torch.Generator, tol: float 
     expected.backward(probe)
     for got, want in pairs:
         assert torch.allclose(got.grad, want.grad, rtol=tol, atol=tol)
+
+
+def made_by_fold(out: torch.Tensor) -> bool:
+    """Whether the folded product (W + s·B A) x + b (core.layers.folded_low_rank) made ``out``; a gain and bias
+    after it (DoRA) are one more node."""
+    nodes = [out.grad_fn]
+    for _ in range(2):
+        if any(type(node).__name__.startswith("_FoldedLowRank") for node in nodes):
+            return True
+        nodes = [nxt for node in nodes if node is not None for nxt, _ in node.next_functions]
+    return False

@@ -77,7 +77,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import add_product, linear
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import add_product, linear, low_rank_update
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
@@ -160,12 +161,14 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         """base(x) + (B·s·C) A x. The activity masks and s ride on the two R x R triangle masks (cached
         until the rank changes), so s·C = Σ [L; U] ⊙ [M_L; M_U] costs three small ops forward and one in
         backward; A and B need no masking (the masked core zeroes their inactive rows/columns and their
-        gradients). s·C is folded into B (out x R) and the sum into the GEMM (addmm): no pass over
-        token-sized tensors besides the factor GEMMs."""
-        out = base(x)
+        gradients). s·C is folded into B (out x R), and the pair goes where LoRA's would: into the layer's own
+        product when alone on it, without dropout and for enough tokens (core.layers.low_rank_update), else
+        one addmm onto base(x)."""
         core = (torch.stack([self.lower, self.upper]) * self.folded_masks()).sum(0)
-        xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A)
-        return add_product(out, xa, self.lora_B @ core)
+        b = self.lora_B @ core
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return add_product(base(x), linear(self.dropout(x), self.lora_A), b)
+        return low_rank_update(layer, x, base, self.lora_A, b, folded=folds_into(layer))
 
     def delta_weight(self, layer) -> torch.Tensor:
         m = self.mask()

@@ -60,7 +60,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
-from peftlab.core.layers import add_product
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import add_product, linear, low_rank_update
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -166,13 +167,13 @@ class WaRAAdapter(LayerAdapter):
         return a, b
 
     def forward(self, layer, x, base):
-        """base(x) + s·B̂ Â x: the transforms are folded into the small factors (a rank-2r product on the
-        activations, no token-sized DWT), with the sum fused into the B̂-GEMM as in LoRA."""
-        out = base(x)
-        h = self.dropout(x)
+        """base(x) + s·B̂ Â x: the transforms are folded into the small factors (a rank-2r pair, no token-sized
+        DWT), which go where LoRA's would: into the layer's own product when alone on it, without dropout
+        and for enough tokens (core.layers.low_rank_update), else one addmm onto base(x)."""
         a, b = self.folded_factors()
-        xa = nn.functional.linear(h.reshape(-1, self.fan_in), a.to(h.dtype))
-        return add_product(out, xa, b)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return add_product(base(x), linear(self.dropout(x), a), b)
+        return low_rank_update(layer, x, base, a, b, folded=folds_into(layer))
 
     def delta_weight(self, layer) -> torch.Tensor:
         eye = torch.eye(self.fan_in, device=self.lora_A.device)

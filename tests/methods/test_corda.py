@@ -10,7 +10,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 from peftlab.methods.corda import CovarianceStatistic, corda_factors, damp_covariance
 
-from ..conftest import assert_same_function, make_inputs, output_of, tiny_gpt2, tiny_llama
+from ..conftest import assert_same_function, made_by_fold, make_inputs, output_of, tiny_gpt2, tiny_llama
 
 CASES = {"corda": {"r": 4}}
 VARIANTS = [("corda", {"r": 4, "mode": "kpm", "alpha": 8.0})]
@@ -136,12 +136,8 @@ def test_forward_and_gradients_match_the_formula(tokens, dropout, folds):
                 - s * x_ref @ adapter.base_A.T @ adapter.base_B.T)
     torch.manual_seed(5)
     out = model(x_got)
-    assert folded_in(out) == folds
+    assert made_by_fold(out) == folds
     assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b)), g)
-
-
-def folded_in(out) -> bool:
-    return type(out.grad_fn).__name__.startswith("_FoldedLowRank")
 
 
 def test_calibration_through_adapt_uses_the_mask_and_matches_a_manual_covariance():

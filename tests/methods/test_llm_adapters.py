@@ -12,7 +12,7 @@ import peftlab
 from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
 
-from ..conftest import assert_same_function, make_inputs, output_of, stack_under_lora, tiny_llama
+from ..conftest import assert_same_function, made_by_fold, make_inputs, output_of, stack_under_lora, tiny_llama
 
 CASES = {
     "lora": {"r": 4},
@@ -156,19 +156,9 @@ def test_dora_forward_and_gradients_match_the_dense_formula():
                     + gain * adapter.scale * (h @ a.T @ b.T))
         torch.manual_seed(5)
         out = model(x_got)
-        assert _folded(out) == (tokens == (4, 8) and not (dropout and training))  # 32 tokens > 12·10 / 22·2
+        assert made_by_fold(out) == (tokens == (4, 8) and not (dropout and training))  # 32 tokens > 12·10 / 22·2
         assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b),
                                              (adapter.magnitude, m)), gen)
-
-
-def _folded(out) -> bool:
-    """Whether the folded product made ``out`` (DoRA's gain and bias follow it as one more node)."""
-    nodes = [out.grad_fn]
-    for _ in range(2):
-        if any(type(node).__name__.startswith("_FoldedLowRank") for node in nodes):
-            return True
-        nodes = [nxt for node in nodes if node is not None for nxt, _ in node.next_functions]
-    return False
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -194,7 +184,7 @@ def test_lora_alone_on_a_layer_runs_as_one_merged_product(bias, conv1d):
     weight = weight_matrix(model.proj).detach()
     expected = torch.nn.functional.linear(x_ref, weight + adapter.scale * b @ a, model.proj.bias)
     out = model(x_got)
-    assert _folded(out)
+    assert made_by_fold(out)
     assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a), (adapter.lora_B, b)), gen)
     assert model.proj.weight.grad is None
 
@@ -203,12 +193,12 @@ def test_lora_keeps_the_separate_low_rank_path_where_folding_does_not_pay_or_app
     gen = torch.Generator().manual_seed(0)
     model = peftlab.adapt(_OneLinear(True), "lora", r=3, dropout=0.1).double()
     many = torch.randn(4, 8, 12, generator=gen, dtype=torch.float64)
-    assert not _folded(model(many))  # dropout sees another input than W
+    assert not made_by_fold(model(many))  # dropout sees another input than W
     model.eval()
-    assert _folded(model(many))
-    assert not _folded(model(many[:1, :1]))  # one token: W + B A costs more than it saves
+    assert made_by_fold(model(many))
+    assert not made_by_fold(model(many[:1, :1]))  # one token: W + B A costs more than it saves
     stack_under_lora(model)
-    assert not _folded(model(many))  # base(x) already holds the other adapter
+    assert not made_by_fold(model(many))  # base(x) already holds the other adapter
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -245,7 +235,7 @@ def test_folded_lora_trains_fp32_factors_from_bf16_activations():
     peftlab.adapt(model, "lora", r=3, dropout=0.0)
     adapter = first_adapter(model)
     out = model(torch.randn(4, 8, 12, dtype=torch.bfloat16))
-    assert _folded(out) and out.dtype == torch.bfloat16
+    assert made_by_fold(out) and out.dtype == torch.bfloat16
     out.float().pow(2).sum().backward()
     assert adapter.lora_A.grad.dtype == adapter.lora_B.grad.dtype == torch.float32
     assert adapter.lora_B.grad.abs().sum() > 0

@@ -10,7 +10,7 @@ from peftlab.core import api
 from peftlab.core.method import TrainingStep
 from peftlab.methods.triadaptlora import rank_pattern
 
-from ..conftest import assert_same_function, make_inputs, output_of, tiny_llama
+from ..conftest import assert_same_function, made_by_fold, make_inputs, output_of, tiny_llama
 
 CASES = {"triadaptlora": {"reference_rank": 2, "init_rank": 2, "incre_rank_num": 2, "max_rank": 6}}
 VARIANTS = [("triadaptlora", {"reference_rank": 4, "rank_growth": "non-linear", "rank_scaled": True,
@@ -179,10 +179,15 @@ def test_forward_and_gradients_match_the_reference_formula(rank_scaled):
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
     model.train()
 
-    def check(x):
+    def check(*inputs):
+        for x in inputs:
+            check_one(x)
+
+    def check_one(x):
         x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
         expected, ref = _reference(adapter, model.proj, x_ref)
         out = model(x_got)
+        assert made_by_fold(out) == (x.shape[1] == 8)  # 32 tokens fold into W, 10 do not (12·10 / 22·2)
         params = (adapter.lora_A, adapter.lora_B, adapter.lower, adapter.upper)
         assert_same_function(out, expected, [(x_got, x_ref), *zip(params, ref.values(), strict=True)], gen)
         rank = adapter.rank()  # inactive rows/columns and the entries outside the triangles get no gradient
@@ -191,14 +196,14 @@ def test_forward_and_gradients_match_the_reference_formula(rank_scaled):
         assert (adapter.upper.grad * (1 - adapter.upper_mask)).abs().sum() == 0
         model.zero_grad()
 
-    x = torch.randn(2, 5, 12, generator=gen, dtype=torch.float64)
-    check(x)
+    inputs = [torch.randn(batch, tokens, 12, generator=gen, dtype=torch.float64) for batch, tokens in ((2, 5), (4, 8))]
+    check(*inputs)
     adapter.grow(torch.Generator().manual_seed(3))  # the cached masks (and s with rank_scaled) follow the rank
     assert adapter.rank() == 3
-    check(x)
+    check(*inputs)
     saved = {k: v.clone() for k, v in adapter.state_dict().items()}  # at rank 3, loaded back at rank 5
     adapter.grow(torch.Generator().manual_seed(4))
-    check(x)
+    check(*inputs)
     adapter.load_state_dict(saved)
     assert adapter.rank() == 3
-    check(x)
+    check(*inputs)

@@ -10,7 +10,7 @@ import peftlab
 from peftlab.core.inject import hosts
 from peftlab.methods.wara import dwt, dwt_matrix, idwt, wavelet_filters
 
-from ..conftest import tiny_llama
+from ..conftest import assert_same_function, made_by_fold, tiny_llama
 
 CASES = {"wara": {"r": 4}}
 VARIANTS = [("wara", {"r": 4, "wavelet": "db2", "dropout": 0.0})]
@@ -91,6 +91,26 @@ def test_folded_factors_and_their_gradients_match_the_dense_transforms(wavelet, 
     ((ref_a * cot_a.double()).sum() + (ref_b * cot_b.double()).sum()).backward()
     assert torch.allclose(adapter.lora_A.grad.double(), a64.grad, atol=1e-5)
     assert torch.allclose(adapter.lora_B.grad.double(), b64.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, folds", [((4, 8), True), ((1, 2), False)])
+def test_forward_and_gradients_match_the_dense_transforms(tokens, folds):
+    """y = (W0 + s·Σ_a G_aᵀ B A F_a) x + b against float64 dense transforms (the factors are built in fp32), in
+    the layer's own product for enough tokens."""
+    model = nn.Sequential(nn.Linear(17, 13))
+    peftlab.adapt(model, "wara", r=3, targets=["0"], wavelet="db2", dropout=0.0).double()
+    randomise(model)
+    layer, adapter = adapters_of(model)[0]
+    a64, b64 = (p.detach().clone().requires_grad_() for p in (adapter.lora_A, adapter.lora_B))
+    ref_a, ref_b = reference_factors(adapter, a64, b64)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(*tokens, 17, generator=gen, dtype=torch.float64)
+    x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = nn.functional.linear(x_ref, layer.weight + ref_b @ ref_a, layer.bias)
+    out = model(x_got)
+    assert made_by_fold(out) == folds
+    assert_same_function(out, expected, ((x_got, x_ref), (adapter.lora_A, a64), (adapter.lora_B, b64)), gen,
+                         tol=1e-5)
 
 
 def test_haar_reduces_to_a_kronecker_factor_in_the_interleaved_layout():
