@@ -39,7 +39,9 @@ onto the base output by a single addmm (``mtlora.routed_update``), so no output-
 forward or backward. When the batch has one task (the usual case) its gate weights ride on the tailor
 columns of B (out x K·r_t) and the token-sized activations only meet the two GEMMs; a mixed batch
 weights the rank-sized activations x Aᵀ per example instead. The frozen term's sign is folded into a
-cached −B0 and the codes are pre-divided by τ (both constants).
+cached −B0 and the codes are pre-divided by τ (both constants). Under torch.compile every batch takes
+the per-example path, with the ids from ``TaskSelector.traced_ids`` and the constants derived in the
+graph, so one graph serves every layer and task (see ``mtlora``).
 """
 
 from __future__ import annotations
@@ -111,33 +113,53 @@ class DivControlAdapter(LayerAdapter):
     def constant(self, name: str) -> torch.Tensor:
         """Tensors derived from the frozen buffers, rebuilt when a buffer is replaced or edited:
         scaled_codes (T, e) = codes / τ; expansion (K·r_t, K) = K on each tailor's rows, to spread K·g
-        over the tailor's components with one product; negated_B = −B0."""
+        over the tailor's components with one product; negated_B = −B0. Compiled code derives them in
+        its graph (the cache's version check would branch on a tensor's state there)."""
         source = self.initial_B if name == "negated_B" else self.condition_codes
+        if torch.compiler.is_compiling():
+            return self._derive(name, source)
         key = (source._version, self.temperature, self.tailors, self.tailor_r)
         cached = self._constants.get(name)
         if cached is not None and cached[0] is source and cached[1] == key:
             return cached[2]
-        if name == "negated_B":
-            value = -source
-        elif name == "scaled_codes":
-            value = source / self.temperature
-        else:
-            eye = torch.eye(self.tailors, dtype=source.dtype, device=source.device)
-            value = (self.tailors * eye).repeat_interleave(self.tailor_r, dim=0)
+        value = self._derive(name, source)
         self._constants[name] = (source, key, value)
         return value
 
+    def _derive(self, name: str, source: torch.Tensor) -> torch.Tensor:
+        if name == "negated_B":
+            return -source
+        if name == "scaled_codes":
+            return source / self.temperature
+        eye = torch.eye(self.tailors, dtype=source.dtype, device=source.device)
+        return (self.tailors * eye).repeat_interleave(self.tailor_r, dim=0)
+
     def forward(self, layer, x, base):
-        route = self.selector.route(x)
         a = torch.cat([self.learngene_A, self.tailor_A, self.initial_A])
-        tailor_B, coefficients = self.tailor_B, None
-        if isinstance(route, int):
-            tailor_B = tailor_B * self.tailor_coefficients(route)
-        elif route is not None:  # per example: 1 on learngenes and the frozen term, the gate on tailors
-            gates = self.gate_weights(route).repeat_interleave(self.tailor_r, dim=1)
+        tailor_B, gates = self.tailor_B, None
+        if torch.compiler.is_compiling():
+            gates = self.traced_gate_weights(x)
+        else:
+            route = self.selector.route(x)
+            if isinstance(route, int):
+                tailor_B = tailor_B * self.tailor_coefficients(route)
+            elif route is not None:
+                gates = self.gate_weights(route)
+        coefficients = None
+        if gates is not None:  # per example: 1 on learngenes and the frozen term, the gate on tailors
+            gates = gates.repeat_interleave(self.tailor_r, dim=1)
             coefficients = nn.functional.pad(gates, (self.learngene_A.shape[0], a.shape[0] // 2), value=1.0)
         b = torch.cat([self.learngene_B, tailor_B, self.constant("negated_B")], dim=1)
         return routed_update(base(x), x, a, b, coefficients)
+
+    def traced_gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """gate_weights for code torch.compile traces, from ``TaskSelector.traced_ids`` (ids as a tensor,
+        so every batch takes the per-example path): an example without a task gets the neutral gate, exactly
+        1 on every tailor (with a zero gradient for G)."""
+        count = self.selector.count
+        ids = self.selector.traced_ids(x, required=False)  # ``count`` where no task is set
+        gates = self.gate_weights(ids.clamp(max=count - 1))
+        return torch.where(ids[:, None] < count, gates, torch.ones_like(gates))
 
     def delta_weight(self, layer) -> torch.Tensor:
         task = self.selector.required_merge_task()

@@ -23,7 +23,11 @@ output by one addmm (``routed_update``): two GEMMs whatever the mix. When the wh
 task (the usual case; the selector tells it from the ids it already checks on the host, without a
 device sync) the coefficients are folded into the small B factor (out x rank) instead of the
 token-sized activations, so a step costs little more than one LoRA of that rank (the joins of the
-factors); a mixed batch weights the rank-sized activations x Aᵀ per example.
+factors); a mixed batch weights the rank-sized activations x Aᵀ per example. Under torch.compile every
+batch takes that per-example path, the ids read by an opaque op (``peftlab::task_ids``) when the graph
+runs: dynamo cannot trace the ``task_ids`` context variable, and a branch on the ids in traced code would
+break the graph or recompile it per layer; so one graph serves every layer, task and mix (a batch without
+ids weights the task blocks 0, which gives their factors zero rather than no gradients).
 
 Defaults (``config.py``): r 8 for TA and TS (``R_PER_TASK`` defaults to ``R``), shared and task scale
 2.0, dropout 0.05; the released best runs use r 64 shared / 4 per task at scale 4
@@ -132,8 +136,8 @@ class TaskSelector:
     def __init__(self, config: MultiTaskMethod):
         self.method = config.name
         self.count = config.num_tasks
-        default = config.default_task_index
-        self.default = None if default is None else _default_ids(default)
+        self.default_index = config.default_task_index
+        self.default = None if self.default_index is None else _default_ids(self.default_index)
 
     def for_batch(self, x: torch.Tensor) -> torch.Tensor | None:
         """One task id per example of ``x`` (batch first) on x's device, or None when none is set."""
@@ -143,38 +147,27 @@ class TaskSelector:
     def route(self, x: torch.Tensor) -> int | torch.Tensor | None:
         """How ``x``'s examples are routed: None when no task is set, the task (an int) when every
         example has the same one, else one id per example on x's device (as ``for_batch``). The
-        single-task test runs on the host copy of the ids, once per forward (no device sync)."""
+        single-task test runs on the host copy of the ids, once per forward (no device sync).
+        Eager only: compiled code calls ``traced_ids``."""
         resolved = self._resolve(x)
         if resolved is None:
             return None
         return resolved[0] if resolved[1] is None else resolved[1]
 
+    def traced_ids(self, x: torch.Tensor, required: bool) -> torch.Tensor:
+        """For code torch.compile traces: one id per example on x's device, ``count`` for each when no
+        task is set (ConfigError when ``required``). Dynamo cannot read the context variable that holds
+        the ids, and a Python branch on them would break the graph or recompile it per layer, so they
+        come from an opaque op that runs when the graph does: one graph serves every layer, task and
+        mix of tasks."""
+        default = -1 if self.default_index is None else self.default_index
+        return _traced_task_ids(self.method, self.count, default, _batch_of(x), x.device, required)
+
     def _resolve(self, x: torch.Tensor) -> tuple[torch.Tensor, int | None] | None:
-        ids = current_task_ids()
-        if ids is None:
-            ids = self.default
-        if ids is None:
-            return None
-        batch = x.shape[0] if x.dim() > 1 else 1
-        key = (batch, x.device, self.count, ids._version)  # _version: an in-place edit is seen
-        cached = _RESOLVED[0]
-        if cached is not None and cached[0]() is ids and cached[1] == key:
-            return cached[2]
-        checked = self._check(ids.detach().to("cpu"), batch)
-        single = int(checked[0]) if checked.numel() and bool((checked == checked[0]).all()) else None
-        resolved = (checked.to(x.device), single)
-        _RESOLVED[0] = (weakref.ref(ids), key, resolved)
-        return resolved
+        return _resolve_ids(self.method, self.count, self.default, _batch_of(x), x.device)
 
     def _check(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
-        if ids.numel() == 1:
-            ids = ids.reshape(1).expand(batch)
-        elif ids.dim() != 1 or ids.numel() != batch:
-            raise ConfigError(f"{self.method}: peftlab.task_ids gave {ids.numel()} task ids for a batch of {batch} "
-                              f"examples; give one id per example, or one int for the whole batch")
-        if bool(((ids < 0) | (ids >= self.count)).any()):
-            raise ConfigError(f"{self.method}: task ids must lie in [0, {self.count}), got {ids.unique().tolist()}")
-        return ids.long()
+        return _checked_ids(self.method, self.count, ids, batch)
 
     def merge_task(self) -> int | None:
         """The single task a merge folds in (None: no task selected); several tasks raise MergeError."""
@@ -196,8 +189,65 @@ class TaskSelector:
         return task
 
     def missing(self) -> ConfigError:
-        return ConfigError(f"{self.method}: this adapter has no task-agnostic part, so every batch needs task ids: "
-                           f"wrap the call in `with peftlab.task_ids(ids):` or set default_task")
+        return _missing(self.method)
+
+
+def _batch_of(x: torch.Tensor) -> int:
+    return x.shape[0] if x.dim() > 1 else 1
+
+
+def _missing(method: str) -> ConfigError:
+    return ConfigError(f"{method}: this adapter has no task-agnostic part, so every batch needs task ids: "
+                       f"wrap the call in `with peftlab.task_ids(ids):` or set default_task")
+
+
+def _resolve_ids(method: str, count: int, default: torch.Tensor | None, batch: int,
+                 device: torch.device) -> tuple[torch.Tensor, int | None] | None:
+    """(checked ids on ``device``, the task when all examples share one, else None), or None when no
+    task is set."""
+    ids = current_task_ids()
+    if ids is None:
+        ids = default
+    if ids is None:
+        return None
+    key = (batch, device, count, ids._version)  # _version: an in-place edit is seen
+    cached = _RESOLVED[0]
+    if cached is not None and cached[0]() is ids and cached[1] == key:
+        return cached[2]
+    checked = _checked_ids(method, count, ids.detach().to("cpu"), batch)
+    single = int(checked[0]) if checked.numel() and bool((checked == checked[0]).all()) else None
+    resolved = (checked.to(device), single)
+    _RESOLVED[0] = (weakref.ref(ids), key, resolved)
+    return resolved
+
+
+def _checked_ids(method: str, count: int, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    if ids.numel() == 1:
+        ids = ids.reshape(1).expand(batch)
+    elif ids.dim() != 1 or ids.numel() != batch:
+        raise ConfigError(f"{method}: peftlab.task_ids gave {ids.numel()} task ids for a batch of {batch} "
+                          f"examples; give one id per example, or one int for the whole batch")
+    if bool(((ids < 0) | (ids >= count)).any()):
+        raise ConfigError(f"{method}: task ids must lie in [0, {count}), got {ids.unique().tolist()}")
+    return ids.long()
+
+
+@torch.library.custom_op("peftlab::task_ids", mutates_args=())
+def _traced_task_ids(method: str, count: int, default: int, batch: int, device: torch.device,
+                     required: bool) -> torch.Tensor:
+    """TaskSelector.traced_ids as an op (default < 0: none). The ops of one compiled block have the same
+    arguments, so they merge into one call per block."""
+    resolved = _resolve_ids(method, count, None if default < 0 else _default_ids(default), batch, device)
+    if resolved is None:
+        if required:
+            raise _missing(method)
+        return torch.full((batch,), count, dtype=torch.long, device=device)
+    return resolved[0].clone()  # not the cached tensor: the compiled graph owns its ops' outputs
+
+
+@_traced_task_ids.register_fake
+def _(method, count, default, batch, device, required):
+    return torch.empty(batch, dtype=torch.long, device=device)
 
 
 def block_coefficients(ids: torch.Tensor, count: int, rank: int, scale: float = 1.0) -> torch.Tensor:
@@ -270,6 +320,8 @@ class SharedTaskLoRAAdapter(LayerAdapter):
                     b.copy_(kaiming_uniform(b.shape, r, dev))
 
     def forward(self, layer, x, base):
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, base)
         out = base(x)
         route = self.selector.route(x)
         if route is None and self.shared_A is None:
@@ -291,6 +343,25 @@ class SharedTaskLoRAAdapter(LayerAdapter):
                 b_all = torch.cat([self.shared_B, b_all], dim=1)
         if shared:
             a_all = torch.cat([self.shared_A, a_all])
+        return routed_update(out, h, a_all, b_all, coefficients)
+
+    def _traced_forward(self, x, base):
+        """forward as torch.compile traces it: the ids come as a tensor (``TaskSelector.traced_ids``), so
+        every batch takes the per-example path, each example's ``coefficient_table`` row built in the graph
+        from its id. The no-task id ``count`` gets s_sh on the shared columns and 0 on the task ones:
+        TA-LoRA's output, with zero instead of no gradients for the task factors."""
+        out, h = base(x), self.dropout(x)
+        if self.task_A is None:
+            return routed_update(out, h, self.shared_A, self.shared_B, self.shared_scale)
+        count = self.selector.count
+        ids = self.selector.traced_ids(x, required=self.shared_A is None)
+        hit = ids[:, None] == torch.arange(count, device=ids.device)  # no row hits for id ``count``
+        coefficients = (hit.float() * self.task_scale).repeat_interleave(self.task_r, dim=1)
+        a_all, b_all = self.task_A.flatten(0, 1), self.task_B.flatten(1, 2)
+        if self.shared_A is not None:
+            shared = coefficients.new_full((ids.shape[0], self.shared_A.shape[0]), float(self.shared_scale))
+            coefficients = torch.cat([shared, coefficients], dim=1)
+            a_all, b_all = torch.cat([self.shared_A, a_all]), torch.cat([self.shared_B, b_all], dim=1)
         return routed_update(out, h, a_all, b_all, coefficients)
 
     def coefficient_table(self, device) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .test_mtlora import (
     check_against_reference,
     check_merge_needs_one_task,
     check_routing_is_per_example,
+    compiled_block_graphs,
     fit_opposite_tasks,
     perturbed,
     sync_and_gather_ops,
@@ -137,6 +138,15 @@ def gated_reference(adapter, layer, p, x, ids):
                                      {"learngene_r": 1, "tailors": 3, "tailor_r": 1, "embed_dim": 2, "tasks": 3}])
 def test_fast_paths_match_the_reference_formula(options):
     check_against_reference("divcontrol", gated_reference, ROUTES, **options)
+
+
+def test_compiled_forward_is_one_graph_for_every_route():
+    check_against_reference("divcontrol", gated_reference, ROUTES, compiled=True, **SMALL, tasks=3, temperature=0.7)
+
+
+def test_compiled_blocks_have_no_graph_break_and_one_graph_for_every_layer_and_task():
+    # two graphs: the first block's input (from the frozen embedding) needs no gradient, the others' do
+    assert compiled_block_graphs("divcontrol", **SMALL, tasks=2, default_task=0) == 2
 
 
 def test_cached_constants_follow_the_buffers():
