@@ -380,7 +380,8 @@ class Trainer:
                     if term is not None:
                         loss = loss + term / self.micro_per_step
             non_finite += not bool(torch.isfinite(loss))
-            loss.backward()
+            with self._tasks(batch):  # checkpointed blocks rerun their forward in backward
+                loss.backward()
             step_loss += loss_sum.item() / total_tokens
         step_loss, non_finite = self.dist.sum([step_loss, non_finite])
         if non_finite:
@@ -390,10 +391,14 @@ class Trainer:
     @contextmanager
     def _context(self, batch: dict[str, torch.Tensor]):
         """Autocast, and the batch's task ids made visible to task-aware adapters; yields the model inputs."""
-        inputs = {k: v for k, v in batch.items() if k != "task_ids"}
+        with self.autocast, self._tasks(batch):
+            yield {k: v for k, v in batch.items() if k != "task_ids"}
+
+    @staticmethod
+    def _tasks(batch: dict[str, torch.Tensor]):
+        """The batch's task ids made visible to task-aware adapters (nothing when it has none)."""
         tasks = batch.get("task_ids")
-        with self.autocast, (task_ids(tasks) if tasks is not None else nullcontext()):
-            yield inputs
+        return task_ids(tasks) if tasks is not None else nullcontext()
 
     def _clip(self, params, step: int) -> float:
         norm = torch.nn.utils.clip_grad_norm_(params, self.args.max_grad_norm if self.args.max_grad_norm > 0

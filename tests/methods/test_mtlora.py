@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 import peftlab
 from peftlab.core import api
@@ -120,13 +121,20 @@ def check_merge_needs_one_task(method: str, **options) -> None:
 ROUTES = (None, 1, [1, 1, 1], [2, 0, 1])
 
 
-def check_against_reference(method: str, reference, routes=ROUTES, setup=None, **options) -> None:
+def check_against_reference(method: str, reference, routes=ROUTES, setup=None, compiled=False, **options) -> None:
     """Output and gradients (wrt x and every trainable parameter) of one adapted 12 -> 10 linear layer
     equal ``reference(adapter, layer, params, x, ids)`` computed in float64 on copies (ids: one per
     example, or None), for every route, with and without a sequence dimension. A parameter the
-    reference never touches (another task's factors) must get no gradient or an exact zero."""
+    reference never touches (another task's factors) must get no gradient or an exact zero.
+    ``compiled``: run the model through torch.compile in one graph (fullgraph), traced once per input
+    shape whatever the route."""
     torch.manual_seed(0)
     model = peftlab.adapt(nn.Sequential(nn.Linear(12, 10)), method, targets=["0"], **options)
+    run = model
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
+        run = torch.compile(model, backend="aot_eager", fullgraph=True)
     path, adapter = next(iter(api.attached_adapters(model, "default").items()))
     layer = model.get_submodule(path)
     gen = torch.Generator().manual_seed(5)
@@ -141,7 +149,7 @@ def check_against_reference(method: str, reference, routes=ROUTES, setup=None, *
             x = torch.randn(shape, generator=gen, requires_grad=True)
             grad = torch.randn(shape[:-1] + (10,), generator=gen)
             with contextlib.nullcontext() if route is None else peftlab.task_ids(route):
-                got = model(x)
+                got = run(x)
             got.backward(grad)
             copies = {name: p.detach().double().requires_grad_() for name, p in params.items()}
             x64 = x.detach().double().requires_grad_()
@@ -158,10 +166,41 @@ def check_against_reference(method: str, reference, routes=ROUTES, setup=None, *
                 else:
                     _close(p.grad, want, f"{where}, grad {name}")
                 p.grad = None
+    if compiled:
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one per input shape
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{where}: {m}")
+
+
+def compiled_block_graphs(method: str, **options) -> int:
+    """Graphs dynamo makes over three training steps of a tiny Llama whose decoder blocks are compiled
+    as ``SupervisedLoss(compile_body=True)`` compiles them, but in one graph each (fullgraph: a graph
+    break raises) and with the cheap aot_eager backend; the task changes every step (default task,
+    one task, a mix)."""
+    from peftlab.core.hf import repeated_blocks
+    from peftlab.train.loss import SupervisedLoss
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = peftlab.adapt(tiny_llama(), method, **options).train()
+    loss_fn = SupervisedLoss(model)
+    blocks = repeated_blocks(loss_fn.body)
+    for block in blocks:
+        block.compile(backend="aot_eager", fullgraph=True)
+    inputs = make_inputs("llama", batch=2)
+    batch = {**inputs, "labels": inputs["input_ids"]}
+    try:
+        for ids in (None, 1, [1, 0]):
+            with contextlib.nullcontext() if ids is None else peftlab.task_ids(ids):
+                total, count = loss_fn(batch)
+            (total / count).backward()
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+    return counters["stats"]["unique_graphs"]
 
 
 def sync_and_gather_ops(method: str, ids=None, **options) -> set[str]:
@@ -218,6 +257,26 @@ def train_with_task_field(tmp_path, method: str, options: dict, steps: int = 30,
             with peftlab.task_ids(chosen):
                 losses.append(model(**batch).loss.item())
     return model, tuple(losses)
+
+
+@pytest.mark.parametrize("method, options", [("mtlora", {"r": 4, "dropout": 0.0}),
+                                             ("omnilora", {"strategy": "task", "r": 4})])
+def test_checkpointed_blocks_see_the_task_ids_again_when_backward_recomputes_them(tmp_path, method, options):
+    """Gradient checkpointing reruns each block's forward inside backward: the batch's task ids must still be
+    set there, or the recomputed route differs (silently wrong gradients, or no ids at all)."""
+    data = write_task_records(tmp_path / "tasks.json", n=16)
+    trained = []
+    for checkpointing in (False, True):
+        args = TrainArgs(model="tiny", data=str(data), output=str(tmp_path / f"run{checkpointing}"), method=method,
+                         method_options=options, max_steps=2, batch_size=8, micro_batch_size=4, lr=1e-2,
+                         warmup_steps=0, cutoff_len=32, template="plain", save_every=0,
+                         gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = tiny_llama()
+        train(args, model=model, tokenizer=char_tokenizer(), progress=False)
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,3 +444,30 @@ def test_a_one_task_step_makes_no_gather_and_no_sync():
     assert sync_and_gather_ops("mtlora", **options) == set()
     assert sync_and_gather_ops("mtlora", [2, 2], **options) == set()
     assert sync_and_gather_ops("mtlora", [0, 2], **options) == {"aten::index.Tensor"}  # the coefficient rows
+
+
+@pytest.mark.parametrize("method, options", [
+    ("mtlora", {"r": 2, "task_r": 3, "tasks": 3, "shared_scale": 0.5, "task_scale": 1.5, "dropout": 0.0}),
+    ("omnilora", {"strategy": "task", "r": 3, "alpha": 1.0, "tasks": 3}),
+])
+def test_compiled_forward_is_one_graph_for_every_route(method, options):
+    """Dynamo cannot read the task ids' context variable: they reach compiled code through an op, with
+    no branch on them, so a change of task neither breaks the graph nor recompiles it."""
+    routes = ROUTES[1:] if options.get("strategy") == "task" else ROUTES
+    check_against_reference(method, shared_task_reference, routes, compiled=True, **options)
+
+
+def test_compiled_blocks_have_no_graph_break_and_one_graph_for_every_layer_and_task():
+    # two graphs: the first block's input (from the frozen embedding) needs no gradient, the others' do
+    assert compiled_block_graphs("mtlora", r=2, task_r=2, tasks=2, default_task=0) == 2
+
+
+def test_compiled_adapter_without_a_shared_part_still_needs_task_ids():
+    torch._dynamo.reset()
+    model = peftlab.adapt(nn.Sequential(nn.Linear(12, 10)), "omnilora", targets=["0"], strategy="task", r=3, tasks=3)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 12)
+    with peftlab.task_ids(1):
+        run(x)
+    with pytest.raises(peftlab.ConfigError, match="needs task ids"):
+        run(x)
