@@ -10,7 +10,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-bench() { timeout "$1" python3 -m peftlab.bench.speed "${@:2}" 2>&1 | grep -v "Warning\|WARNING\|====\|Native/Hybrid\|W1125" | tee -a "$OUT/speed-session.log"; }
+bench() { timeout "$1" python3 -m peftlab.bench.speed "${@:2}" 2>&1 | grep -v "Warning\|WARNING\|====\|Native/Hybrid\|^W[0-9]\{4\} " | tee -a "$OUT/speed-session.log"; }
 if [ "${1:-A}" = A ]; then
   bench 170 --shapes llama-3.2-1b --methods lora,dora,ia3,randlora,prompt,prefix --compile --output "$OUT/speed-1b"
   bench 150 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --checkpointing --compile --output "$OUT/speed-8b-ckpt"
