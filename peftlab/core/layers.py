@@ -134,9 +134,9 @@ class _FoldedLowRank(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b
 
 
-# The same function as an operator opaque to torch.compile: traced through, the autograd function's merged
-# W + B A would be saved for backward (the partitioner never recomputes a matmul), a second copy of every
-# adapted weight held from forward to backward.
+# The same function as an operator opaque to torch.compile: traced through, backward's rebuilt W + B A is the
+# same computation as forward's and is merged with it, so the compiled graph keeps forward's from forward to
+# backward, a second copy of every adapted weight (tests/methods/test_llm_adapters.py shows it).
 @torch.library.custom_op("peftlab::folded_low_rank", mutates_args=())
 def _folded_low_rank_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                         b: torch.Tensor) -> torch.Tensor:
