@@ -77,13 +77,15 @@ def add_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale:
 
 
 def low_rank_update(layer: nn.Module, x: torch.Tensor, base, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
-                    *, folded: bool) -> torch.Tensor:
-    """base(x) + s·B A x: as the layer's one product (W + s·B A) x + b when ``folded`` (the adapter is alone on a
-    plain layer, core.inject.folds_into, and sees the layer's own input) and the tokens make it pay
-    (``folds_low_rank``); else the sum rides on the B-GEMM (one addmm)."""
-    if folded and folds_low_rank(layer, x):
+                    *, folded: bool, dropout: nn.Module | None = None) -> torch.Tensor:
+    """base(x) + s·B A h, h = dropout(x): as the layer's one product (W + s·B A) x + b when ``folded`` (the adapter
+    is alone on a plain layer, core.inject.folds_into), the dropout is not dropping (else the update sees
+    another input than W) and the tokens make it pay (``folds_low_rank``); else the sum rides on the B-GEMM
+    (one addmm)."""
+    dropping = isinstance(dropout, nn.Dropout) and dropout.training
+    if folded and not dropping and folds_low_rank(layer, x):
         return folded_low_rank(layer, x, a, b, scale)
-    return add_product(base(x), linear(x, a), b, scale)
+    return add_product(base(x), linear(dropout(x) if dropping else x, a), b, scale)
 
 
 def apply_dense_delta(layer: nn.Module, x: torch.Tensor, base, delta: torch.Tensor, *, folded: bool,

@@ -78,7 +78,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, linear, low_rank_update
+from peftlab.core.layers import low_rank_update
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
@@ -165,10 +165,8 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         product when alone on it, without dropout and for enough tokens (core.layers.low_rank_update), else
         one addmm onto base(x)."""
         core = (torch.stack([self.lower, self.upper]) * self.folded_masks()).sum(0)
-        b = self.lora_B @ core
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            return add_product(base(x), linear(self.dropout(x), self.lora_A), b)
-        return low_rank_update(layer, x, base, self.lora_A, b, folded=folds_into(layer))
+        return low_rank_update(layer, x, base, self.lora_A, self.lora_B @ core, folded=folds_into(layer),
+                               dropout=self.dropout)
 
     def delta_weight(self, layer) -> torch.Tensor:
         m = self.mask()

@@ -61,7 +61,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, linear, low_rank_update
+from peftlab.core.layers import low_rank_update
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -171,9 +171,7 @@ class WaRAAdapter(LayerAdapter):
         DWT), which go where LoRA's would: into the layer's own product when alone on it, without dropout
         and for enough tokens (core.layers.low_rank_update), else one addmm onto base(x)."""
         a, b = self.folded_factors()
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            return add_product(base(x), linear(self.dropout(x), a), b)
-        return low_rank_update(layer, x, base, a, b, folded=folds_into(layer))
+        return low_rank_update(layer, x, base, a, b, folded=folds_into(layer), dropout=self.dropout)
 
     def delta_weight(self, layer) -> torch.Tensor:
         eye = torch.eye(self.fan_in, device=self.lora_A.device)
