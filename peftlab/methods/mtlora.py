@@ -137,7 +137,11 @@ class TaskSelector:
         self.method = config.name
         self.count = config.num_tasks
         self.default_index = config.default_task_index
-        self.default = None if self.default_index is None else _default_ids(self.default_index)
+
+    @property
+    def default(self) -> torch.Tensor | None:
+        """The default task's ids (one shared tensor per task), or None without a default."""
+        return None if self.default_index is None else _default_ids(self.default_index)
 
     def for_batch(self, x: torch.Tensor) -> torch.Tensor | None:
         """One task id per example of ``x`` (batch first) on x's device, or None when none is set."""
@@ -166,9 +170,6 @@ class TaskSelector:
     def _resolve(self, x: torch.Tensor) -> tuple[torch.Tensor, int | None] | None:
         return _resolve_ids(self.method, self.count, self.default, _batch_of(x), x.device)
 
-    def _check(self, ids: torch.Tensor, batch: int) -> torch.Tensor:
-        return _checked_ids(self.method, self.count, ids, batch)
-
     def merge_task(self) -> int | None:
         """The single task a merge folds in (None: no task selected); several tasks raise MergeError."""
         ids = current_task_ids()
@@ -179,7 +180,7 @@ class TaskSelector:
         unique = ids.detach().to("cpu").unique()
         if unique.numel() != 1:
             raise MergeError(f"{self.method}: a merge folds in one task; the task ids select {unique.tolist()}")
-        return int(self._check(unique, 1)[0])
+        return int(_checked_ids(self.method, self.count, unique, 1)[0])
 
     def required_merge_task(self) -> int:
         task = self.merge_task()
