@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +87,21 @@ def train_args(ns: argparse.Namespace):
 
 def _numbers(settings: dict[str, Any], cls) -> dict[str, Any]:
     """YAML 1.1 reads ``lr: 3e-4`` (no dot) as text: numeric settings given as text become numbers."""
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     converted = dict(settings)
     for key, value in settings.items():
-        kind = kinds.get(key)
+        kind = _numeric_kind(hints.get(key))
         if isinstance(value, str) and kind in (int, float):
             try:
                 converted[key] = kind(float(value)) if kind is int else float(value)
             except ValueError:
                 raise PeftlabError(f"training setting {key} must be a number, got {value!r}") from None
     return converted
+
+
+def _numeric_kind(hint) -> type | None:
+    """int or float for a setting annotated so (alone or optional), else None."""
+    return next((kind for kind in (int, float) if hint is kind or kind in typing.get_args(hint)), None)
 
 
 def cmd_train(ns: argparse.Namespace) -> int:

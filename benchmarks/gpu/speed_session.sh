@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed comparisons of issue 8 on one GPU (results under $OUT): `bash benchmarks/gpu/speed_session.sh A|B`.
-# A: peftlab (transformer blocks compiled) beside HF PEFT (eager, its usual recipe) on the 1B shape, and
-#    LoRA on the 8B shape with and without gradient checkpointing (PEFT too, where it fits);
+# A: LoRA on the 8B shape, both gradient-checkpointed, then peftlab alone under activation budgets (BUDGETS);
+#    peftlab (transformer blocks compiled) beside HF PEFT (eager, its usual recipe) on the 1B shape;
 # B: the whole zoo on the 1B shape, step time relative to LoRA, eager;
 # C: the same with the transformer blocks compiled (METHODS: a comma list, LoRA first; default all).
 # Each step has its own time limit so that one slow step cannot take the others' results with it.
@@ -12,9 +12,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 bench() { timeout "$1" python3 -m peftlab.bench.speed "${@:2}" 2>&1 | grep -v "Warning\|WARNING\|====\|Native/Hybrid\|^W[0-9]\{4\} " | tee -a "$OUT/speed-session.log"; }
 if [ "${1:-A}" = A ]; then
-  bench 170 --shapes llama-3.2-1b --methods lora,dora,ia3,randlora,prompt,prefix --compile --output "$OUT/speed-1b"
-  bench 150 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --checkpointing --compile --output "$OUT/speed-8b-ckpt"
-  bench 150 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --compile --output "$OUT/speed-8b"
+  bench 170 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --checkpointing --compile --output "$OUT/speed-8b-ckpt"
+  for budget in ${BUDGETS:-0.15 0.3}; do  # peftlab alone: PEFT without checkpointing runs out of memory here
+    bench 110 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --compile --activation-budget "$budget" \
+      --impl peftlab --output "$OUT/speed-8b-budget-$budget"
+  done
+  bench 170 --shapes llama-3.2-1b --methods lora,dora,ia3 --compile --output "$OUT/speed-1b"
 else
   ALL=$(python3 -c "import peftlab; print(','.join(['lora'] + [m for m in peftlab.methods() if m != 'lora']))")
   if [ "$1" = B ]; then

@@ -4,7 +4,8 @@
 
 For every model shape (random weights: they do not change speed; bf16, SDPA attention) and method,
 time optimizer steps of peftlab (its own training path: adapters computing in bf16 on fp32 master
-weights, the fused head + cross-entropy) and of HF PEFT where PEFT has the method (the standard
+weights, the fused head + cross-entropy; compiled and checkpointed, blocks recompute only what backward
+reads: peftlab.train.loss.compile_blocks) and of HF PEFT where PEFT has the method (the standard
 recipe: ``model(**batch, labels=...).loss`` under bf16 autocast, as HF Trainer runs it). Both see the
 same batch, loss on every token, AdamW on the adapter parameters.
 
@@ -123,7 +124,8 @@ def time_steps(step, params, warmup: int, steps: int) -> tuple[float, float | No
     return seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compiled: bool):
+def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compiled: bool,
+                activation_budget: float | None = None):
     from peftlab.train.loss import SupervisedLoss
 
     config = peftlab.method_class(method)(**OPTIONS.get(method, {}))
@@ -132,7 +134,7 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     if getattr(config, "needs_calibration", False):
         extra["calibration"] = [{k: v[:2] for k, v in batch.items() if k != "labels"}]
     peftlab.adapt(model, config, **extra)
-    loss_fn = SupervisedLoss(model, compile_body=compiled)
+    loss_fn = SupervisedLoss(model, compile_body=compiled, activation_budget=activation_budget)
 
     def step():
         total, count = loss_fn(batch)
@@ -167,7 +169,8 @@ def peft_run(model, method: str, batch: dict, warmup: int, steps: int):
 
 
 def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: int, seq: int, warmup: int,
-                steps: int, checkpointing: bool, compiled: bool, peak: float, device: torch.device) -> list[Row]:
+                steps: int, checkpointing: bool, compiled: bool, peak: float, device: torch.device,
+                activation_budget: float | None = None) -> list[Row]:
     model, config = build_model(shape, checkpointing, device)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -178,7 +181,7 @@ def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: in
         note = []
         if "peftlab" in impls:
             try:
-                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, compiled)
+                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, compiled, activation_budget)
                 tok_s = batch_size * seq / seconds
                 lora_step = seconds if method == "lora" else lora_step
             except torch.OutOfMemoryError:
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (both libraries)")
     parser.add_argument("--compile", action="store_true", help="torch.compile peftlab's transformer body")
+    parser.add_argument("--activation-budget", type=float, default=None,
+                        help="compiled blocks keep this share of their activations for backward (with "
+                             "--checkpointing: 0, keeping only block inputs as checkpointing does)")
     parser.add_argument("--output", default=f"benchmarks/results/speed-{datetime.date.today()}")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the harness itself")
     args = parser.parse_args(argv)
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(shape, methods, args.impl.split(","), args.batch, args.seq, args.warmup, args.steps,
-                            args.checkpointing, args.compile, peak, device)
+                            args.checkpointing, args.compile, peak, device, args.activation_budget)
     command = "python -m peftlab.bench.speed " + " ".join(argv or __import__("sys").argv[1:])
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"command": command, "device": name, "bf16_peak_tflops": round(peak, 1),

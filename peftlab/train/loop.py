@@ -73,6 +73,7 @@ class TrainArgs:
     packing: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
+    activation_budget: float | None = None  # compiled blocks: share of activations kept (0: checkpointing)
     shard: bool = False  # under torchrun: split the frozen transformer blocks across ranks (FSDP2)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
@@ -92,6 +93,9 @@ class TrainArgs:
             raise PeftlabError("set epochs > 0 or max_steps > 0")
         if self.shard and self.compile:
             raise PeftlabError("shard and compile together are not supported: choose one")
+        if self.activation_budget is not None and not (self.compile and 0.0 <= self.activation_budget <= 1.0):
+            raise PeftlabError(f"activation_budget ({self.activation_budget}) is a share in [0, 1] of what compiled "
+                               "blocks keep for backward: it needs compile")
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -302,7 +306,7 @@ class Trainer:
             metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
         else:
             metrics = _NoMetrics()
-        loss_fn = SupervisedLoss(self.model, compile_body=args.compile)
+        loss_fn = SupervisedLoss(self.model, compile_body=args.compile, activation_budget=args.activation_budget)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False

@@ -13,6 +13,8 @@ plain forward.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,16 +26,19 @@ from .data import IGNORE
 
 
 class SupervisedLoss:
-    def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile_body: bool = False):
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile_body: bool = False,
+                 activation_budget: float | None = None):
         """``compile_body``: compile the transformer blocks (fuses the norms, rotary embeddings and
         activations that eager mode runs as many small kernels, and recomputes the cheap ones in
-        backward instead of keeping them)."""
+        backward instead of keeping them). ``activation_budget``: see ``compile_blocks``."""
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         path = backbone_path(model)
         self.body = model.get_submodule(path) if path and self.head is not None else None
-        self.compiled = compile_blocks(self.body) if compile_body and self.body is not None else []
+        self.compiled: list[CompiledBlock] = []
+        if compile_body and self.body is not None:
+            self.compiled = compile_blocks(self.body, activation_budget)
         config = getattr(model, "config", None)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_divisor = getattr(config, "logits_scaling", None)  # granite
@@ -42,8 +47,8 @@ class SupervisedLoss:
     def release(self) -> None:
         """Return compiled blocks to eager mode, so the model handed back (for generation, another
         library, a later run) behaves as it came; nn.Module.compile() keeps its compiled call here."""
-        for module in self.compiled:
-            module._compiled_call_impl = None
+        for block in self.compiled:
+            block.release()
         self.compiled = []
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -79,14 +84,52 @@ class SupervisedLoss:
         return self.fused
 
 
-def compile_blocks(body: nn.Module) -> list[nn.Module]:
+@dataclass
+class CompiledBlock:
+    module: nn.Module
+    took_checkpointing: bool  # the block was gradient-checkpointed by transformers, and now by the budget
+
+    def release(self) -> None:
+        self.module._compiled_call_impl = None
+        if self.took_checkpointing:
+            self.module.gradient_checkpointing = True
+
+
+def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> list[CompiledBlock]:
     """torch.compile each repeated block of ``body`` in place (else the whole body); returns what it compiled.
 
     One compiled block serves every layer (same code, same shapes), so compilation takes seconds;
     on a Llama-3.2-1B shape (H100, LoRA, 8 x 1024) blocks gave 65k tokens/s and 17.8 GiB against
     57k and 18.5 GiB for the whole body compiled as one graph and 46k and 20.8 GiB eager.
+
+    ``activation_budget`` (0 to 1): the share of the activations compiled code would keep for backward
+    that it may keep; it recomputes the rest in backward, cheapest first (torch's
+    ``activation_memory_budget``). A block that transformers gradient-checkpoints is compiled with
+    budget 0 and without the checkpoint wrapper: it keeps only its inputs, as checkpointing does, but
+    recomputes only what backward reads. Eager checkpointing reruns the whole block, down projection
+    included, though backward never reads that product (a frozen weight's input gradient needs only
+    the weight), nor the other outputs that only feed the residual stream. The budget is read when a
+    block is first compiled: blocks of a class already compiled in this process keep the budget they
+    were compiled with until ``torch._dynamo.reset()``.
     """
-    modules = repeated_blocks(body) or [body]
-    for module in modules:
+    if activation_budget is not None and not 0.0 <= activation_budget <= 1.0:
+        raise ValueError(f"activation_budget must lie in [0, 1], got {activation_budget}")
+    blocks = []
+    for module in repeated_blocks(body) or [body]:
+        checkpointed = bool(getattr(module, "gradient_checkpointing", False))
+        budget = 0.0 if checkpointed and activation_budget is None else activation_budget
+        if checkpointed:
+            module.gradient_checkpointing = False
         module.compile()
-    return modules
+        if budget is not None:
+            module._compiled_call_impl = _within_budget(module._compiled_call_impl, budget)
+        blocks.append(CompiledBlock(module, checkpointed))
+    return blocks
+
+
+def _within_budget(call, budget: float):
+    def call_within_budget(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return call(*args, **kwargs)
+
+    return call_within_budget
