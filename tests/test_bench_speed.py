@@ -13,15 +13,15 @@ pytest.importorskip("peft")
 
 
 def test_speed_harness_writes_rows_for_both_libraries(tmp_path):
-    out = tmp_path / "speed"
+    out = tmp_path / "speed-budget-0.5"  # a dot in the stem is kept
     main(["--device", "cpu", "--shapes", "tiny-llama", "--methods", "lora,dora,series", "--batch", "2",
           "--seq", "16", "--warmup", "1", "--steps", "1", "--output", str(out)])
-    result = json.loads(out.with_suffix(".json").read_text())
+    result = json.loads((tmp_path / "speed-budget-0.5.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert rows["lora"]["tok_s"] > 0 and rows["lora"]["peft_tok_s"] > 0 and rows["lora"]["ratio_vs_peft"] > 0
     assert rows["dora"]["peft_tok_s"] > 0 and rows["series"]["peft_tok_s"] is None
     assert rows["series"]["step_ratio_vs_lora"] > 0 and not any(r["note"] for r in rows.values())
-    assert "| lora |" in out.with_suffix(".md").read_text()
+    assert "| lora |" in (tmp_path / "speed-budget-0.5.md").read_text()
 
 
 def test_the_command_line_hands_bench_options_to_the_benchmark(capsys):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speed comparisons of issue 8 on one GPU (results under $OUT): `bash benchmarks/gpu/speed_session.sh A|B`.
-# A: LoRA on the 8B shape, both gradient-checkpointed, then peftlab alone under activation budgets (BUDGETS);
+# A: LoRA on the 8B shape, both gradient-checkpointed (then peftlab alone under each of BUDGETS, if set);
 #    peftlab (transformer blocks compiled) beside HF PEFT (eager, its usual recipe) on the 1B shape;
 # B: the whole zoo on the 1B shape, step time relative to LoRA, eager;
 # C: the same with the transformer blocks compiled (METHODS: a comma list, LoRA first; default all).
@@ -13,7 +13,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 bench() { timeout "$1" python3 -m peftlab.bench.speed "${@:2}" 2>&1 | grep -v "Warning\|WARNING\|====\|Native/Hybrid\|^W[0-9]\{4\} " | tee -a "$OUT/speed-session.log"; }
 if [ "${1:-A}" = A ]; then
   bench 170 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --checkpointing --compile --output "$OUT/speed-8b-ckpt"
-  for budget in ${BUDGETS:-0.15 0.3}; do  # peftlab alone: PEFT without checkpointing runs out of memory here
+  for budget in ${BUDGETS-}; do  # peftlab alone (PEFT without checkpointing runs out of memory here)
     bench 110 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --compile --activation-budget "$budget" \
       --impl peftlab --output "$OUT/speed-8b-budget-$budget"
   done

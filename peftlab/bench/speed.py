@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    output.with_suffix(".md").write_text(f"`{command}` on {result['device']} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
+    # Appended, not with_suffix: a stem like speed-budget-0.15 has a dot of its own.
+    output.with_name(output.name + ".json").write_text(json.dumps(result, indent=1))
+    output.with_name(output.name + ".md").write_text(f"`{command}` on {result['device']} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
                                          + markdown(rows))
     print(markdown(rows))
     return 0
