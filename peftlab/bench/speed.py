@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     # Appended, not with_suffix: a stem like speed-budget-0.15 has a dot of its own.
     output.with_name(output.name + ".json").write_text(json.dumps(result, indent=1))
-    output.with_name(output.name + ".md").write_text(f"`{command}` on {result['device']} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
-                                         + markdown(rows))
+    header = f"`{command}` on {result['device']} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
+    output.with_name(output.name + ".md").write_text(header + markdown(rows))
     print(markdown(rows))
     return 0
 
