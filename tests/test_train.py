@@ -282,6 +282,44 @@ def test_compiled_checkpointed_blocks_keep_only_inputs_and_recompute_only_what_b
     assert compiled_flops > plain_flops
 
 
+def test_compiled_checkpointed_training_equals_plain_training_and_hands_the_model_back(tmp_path, monkeypatch):
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: original(self, backend="aot_eager_decomp_partition"))
+    trained = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        args = args_for(tmp_path / str(compiled), method_options={"r": 4, "dropout": 0.0}, max_steps=2, save_every=0,
+                        compile=compiled, gradient_checkpointing=compiled)
+        torch._dynamo.reset()
+        train(args, model=model, tokenizer=char_tokenizer(), progress=False)
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(b._compiled_call_impl is None for b in model.model.layers)
+        assert all(b.gradient_checkpointing is compiled for b in model.model.layers)
+    for name, value in trained[0].items():  # fp32: the compiled graph sums in another order
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_failed_compiled_run_still_hands_the_model_back(tmp_path, monkeypatch):
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: original(self, backend="eager"))
+    step = Trainer._step
+
+    def poisoned(self, batches, loss_fn, index):
+        for param in self.model.parameters():
+            if param.requires_grad:
+                param.data.fill_(float("nan"))
+        return step(self, batches, loss_fn, index)
+
+    monkeypatch.setattr(Trainer, "_step", poisoned)
+    model = tiny_llama()
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(args_for(tmp_path, compile=True, gradient_checkpointing=True), model=model,
+              tokenizer=char_tokenizer(), progress=False)
+    assert all(b._compiled_call_impl is None and b.gradient_checkpointing for b in model.model.layers)
+
+
 def test_activation_budget_needs_compile_and_a_share():
     with pytest.raises(peftlab.PeftlabError, match="needs compile"):
         TrainArgs(model="m", data="d", output="o", activation_budget=0.2).validate()

@@ -312,52 +312,55 @@ class Trainer:
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False
         bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and self.dist.is_main),
                    desc="train", unit="step")
-        with _StopRequest() as stop:
-            while step < self.total_steps:
-                if self.dist.any(stop.requested):  # signals reach ranks at different steps
-                    saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
-                    bar.close()
-                    raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
-                info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr, self.micro_per_step)
-                api.on_step(self.model, info)
-                batches, step_tokens = [], 0
-                for index in range(self.micro_per_step):
-                    epoch, cursor, units, count = next(stream)
-                    if self.dist.owns(index):
-                        batches.append(self._collate(units))
-                    step_tokens += count
-                if not verified:
-                    verified = True
-                    with self._context(batches[0]) as inputs:
-                        fused = loss_fn.verify(inputs)
-                    fused = loss_fn.fused = self.dist.all(fused)  # one loss path on every rank
-                    if not fused:
-                        metrics.note("fused loss path unavailable for this model; using the full forward")
-                last_loss = self._step(batches, loss_fn, step)
-                self.dist.reduce_gradients(params)
-                grad_norm = self._clip(params, step)
-                api.before_optimizer_step(self.model, info)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += step_tokens
-                elapsed = time.perf_counter() - started
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-                if step % args.log_every == 0 or step == self.total_steps:
-                    metrics.log(step=step, epoch=epoch, loss=last_loss, lr=info.lr, grad_norm=grad_norm,
-                                tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
-                if self.val_set and args.eval_every and step % args.eval_every == 0:
-                    val_loss = self.validate(loss_fn)
-                    metrics.log(step=step, val_loss=val_loss)
-                if args.save_every and step % args.save_every == 0:
-                    self._save(step, epoch, cursor, tokens, optimizer, scheduler)
-        bar.close()
-        if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
-            val_loss = self.validate(loss_fn)
-            metrics.log(step=step, val_loss=val_loss)
-        loss_fn.release()
+        try:  # compiled blocks go back to eager (and to transformers' checkpointing) on every way out
+            with _StopRequest() as stop:
+                while step < self.total_steps:
+                    if self.dist.any(stop.requested):  # signals reach ranks at different steps
+                        saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+                        bar.close()
+                        raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
+                    info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr,
+                                        self.micro_per_step)
+                    api.on_step(self.model, info)
+                    batches, step_tokens = [], 0
+                    for index in range(self.micro_per_step):
+                        epoch, cursor, units, count = next(stream)
+                        if self.dist.owns(index):
+                            batches.append(self._collate(units))
+                        step_tokens += count
+                    if not verified:
+                        verified = True
+                        with self._context(batches[0]) as inputs:
+                            fused = loss_fn.verify(inputs)
+                        fused = loss_fn.fused = self.dist.all(fused)  # one loss path on every rank
+                        if not fused:
+                            metrics.note("fused loss path unavailable for this model; using the full forward")
+                    last_loss = self._step(batches, loss_fn, step)
+                    self.dist.reduce_gradients(params)
+                    grad_norm = self._clip(params, step)
+                    api.before_optimizer_step(self.model, info)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    tokens += step_tokens
+                    elapsed = time.perf_counter() - started
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                    if step % args.log_every == 0 or step == self.total_steps:
+                        metrics.log(step=step, epoch=epoch, loss=last_loss, lr=info.lr, grad_norm=grad_norm,
+                                    tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+                    if self.val_set and args.eval_every and step % args.eval_every == 0:
+                        val_loss = self.validate(loss_fn)
+                        metrics.log(step=step, val_loss=val_loss)
+                    if args.save_every and step % args.save_every == 0:
+                        self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+            bar.close()
+            if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
+                val_loss = self.validate(loss_fn)
+                metrics.log(step=step, val_loss=val_loss)
+        finally:
+            loss_fn.release()
         if peftlab.adapters(self.model) and self.dist.is_main:
             peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()
