@@ -38,7 +38,7 @@ from peftlab.core.tasks import task_ids
 
 from . import checkpoint, distributed
 from .data import Sequence, collate, collate_packed, epoch_batches, load_examples, pack, split_validation, tokenize
-from .loss import SupervisedLoss
+from .loss import SupervisedLoss, check_activation_budget
 
 
 class TrainingError(PeftlabError, RuntimeError):
@@ -93,9 +93,9 @@ class TrainArgs:
             raise PeftlabError("set epochs > 0 or max_steps > 0")
         if self.shard and self.compile:
             raise PeftlabError("shard and compile together are not supported: choose one")
-        if self.activation_budget is not None and not (self.compile and 0.0 <= self.activation_budget <= 1.0):
-            raise PeftlabError(f"activation_budget ({self.activation_budget}) is a share in [0, 1] of what compiled "
-                               "blocks keep for backward: it needs compile")
+        if self.activation_budget is not None and not self.compile:
+            raise PeftlabError("activation_budget sets what compiled blocks keep for backward: it needs compile")
+        check_activation_budget(self.activation_budget)
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -312,55 +312,51 @@ class Trainer:
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False
         bar = tqdm(total=self.total_steps, initial=step, disable=not (self.progress and self.dist.is_main),
                    desc="train", unit="step")
-        try:  # compiled blocks go back to eager (and to transformers' checkpointing) on every way out
-            with _StopRequest() as stop:
-                while step < self.total_steps:
-                    if self.dist.any(stop.requested):  # signals reach ranks at different steps
-                        saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
-                        bar.close()
-                        raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
-                    info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr,
-                                        self.micro_per_step)
-                    api.on_step(self.model, info)
-                    batches, step_tokens = [], 0
-                    for index in range(self.micro_per_step):
-                        epoch, cursor, units, count = next(stream)
-                        if self.dist.owns(index):
-                            batches.append(self._collate(units))
-                        step_tokens += count
-                    if not verified:
-                        verified = True
-                        with self._context(batches[0]) as inputs:
-                            fused = loss_fn.verify(inputs)
-                        fused = loss_fn.fused = self.dist.all(fused)  # one loss path on every rank
-                        if not fused:
-                            metrics.note("fused loss path unavailable for this model; using the full forward")
-                    last_loss = self._step(batches, loss_fn, step)
-                    self.dist.reduce_gradients(params)
-                    grad_norm = self._clip(params, step)
-                    api.before_optimizer_step(self.model, info)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    tokens += step_tokens
-                    elapsed = time.perf_counter() - started
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-                    if step % args.log_every == 0 or step == self.total_steps:
-                        metrics.log(step=step, epoch=epoch, loss=last_loss, lr=info.lr, grad_norm=grad_norm,
-                                    tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
-                    if self.val_set and args.eval_every and step % args.eval_every == 0:
-                        val_loss = self.validate(loss_fn)
-                        metrics.log(step=step, val_loss=val_loss)
-                    if args.save_every and step % args.save_every == 0:
-                        self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+        with _StopRequest() as stop, loss_fn:  # leaving, compiled blocks go back to eager, failed runs included
+            while step < self.total_steps:
+                if self.dist.any(stop.requested):  # signals reach ranks at different steps
+                    saved = self._save(step, epoch, cursor, tokens, optimizer, scheduler)
+                    bar.close()
+                    raise TrainingError(f"interrupted; checkpoint {saved} written: continue with --resume")
+                info = TrainingStep(step, self.total_steps, scheduler.get_last_lr()[0], args.lr, self.micro_per_step)
+                api.on_step(self.model, info)
+                batches, step_tokens = [], 0
+                for index in range(self.micro_per_step):
+                    epoch, cursor, units, count = next(stream)
+                    if self.dist.owns(index):
+                        batches.append(self._collate(units))
+                    step_tokens += count
+                if not verified:
+                    verified = True
+                    with self._context(batches[0]) as inputs:
+                        fused = loss_fn.verify(inputs)
+                    fused = loss_fn.fused = self.dist.all(fused)  # one loss path on every rank
+                    if not fused:
+                        metrics.note("fused loss path unavailable for this model; using the full forward")
+                last_loss = self._step(batches, loss_fn, step)
+                self.dist.reduce_gradients(params)
+                grad_norm = self._clip(params, step)
+                api.before_optimizer_step(self.model, info)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += step_tokens
+                elapsed = time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{info.lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                if step % args.log_every == 0 or step == self.total_steps:
+                    metrics.log(step=step, epoch=epoch, loss=last_loss, lr=info.lr, grad_norm=grad_norm,
+                                tokens=tokens, tokens_per_s=tokens / elapsed, elapsed_s=elapsed)
+                if self.val_set and args.eval_every and step % args.eval_every == 0:
+                    val_loss = self.validate(loss_fn)
+                    metrics.log(step=step, val_loss=val_loss)
+                if args.save_every and step % args.save_every == 0:
+                    self._save(step, epoch, cursor, tokens, optimizer, scheduler)
             bar.close()
             if self.val_set and (not args.eval_every or self.total_steps % args.eval_every):
                 val_loss = self.validate(loss_fn)
                 metrics.log(step=step, val_loss=val_loss)
-        finally:
-            loss_fn.release()
         if peftlab.adapters(self.model) and self.dist.is_main:
             peftlab.save(self.model, self.output, name=self.saved_names)
         metrics.close()

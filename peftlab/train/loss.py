@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.core.errors import ConfigError
 from peftlab.core.hf import backbone_path, repeated_blocks
 from peftlab.kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -50,6 +51,12 @@ class SupervisedLoss:
         for block in self.compiled:
             block.release()
         self.compiled = []
+
+    def __enter__(self) -> SupervisedLoss:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of supervised tokens) for one micro-batch."""
@@ -107,13 +114,12 @@ def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> l
     ``activation_memory_budget``). A block that transformers gradient-checkpoints is compiled with
     budget 0 and without the checkpoint wrapper: it keeps only its inputs, as checkpointing does, but
     recomputes only what backward reads. Eager checkpointing reruns the whole block, down projection
-    included, though backward never reads that product (a frozen weight's input gradient needs only
-    the weight), nor the other outputs that only feed the residual stream. The budget is read when a
+    included, though backward never reads that product (it only feeds the residual sum, and a frozen
+    weight's input gradient needs only the weight). The budget is read when a
     block is first compiled: blocks of a class already compiled in this process keep the budget they
     were compiled with until ``torch._dynamo.reset()``.
     """
-    if activation_budget is not None and not 0.0 <= activation_budget <= 1.0:
-        raise ValueError(f"activation_budget must lie in [0, 1], got {activation_budget}")
+    check_activation_budget(activation_budget)
     blocks = []
     for module in repeated_blocks(body) or [body]:
         checkpointed = bool(getattr(module, "gradient_checkpointing", False))
@@ -125,6 +131,11 @@ def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> l
             module._compiled_call_impl = _within_budget(module._compiled_call_impl, budget)
         blocks.append(CompiledBlock(module, checkpointed))
     return blocks
+
+
+def check_activation_budget(budget: float | None) -> None:
+    if budget is not None and not 0.0 <= budget <= 1.0:
+        raise ConfigError(f"activation_budget must lie in [0, 1], got {budget}")
 
 
 def _within_budget(call, budget: float):
