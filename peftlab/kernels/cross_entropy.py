@@ -30,8 +30,10 @@ def _chunk_loss_and_grad(logits, targets, divisor, softcap, need_grad: bool):
     total = (log_z - z.gather(1, targets[:, None]).squeeze(1)).sum()
     if not need_grad:
         return total, None
-    grad = torch.exp(z - log_z[:, None])
-    grad[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+    # The one-hot as a comparison, not an in-place update: compiled, the whole gradient is then one
+    # pointwise pass written in the head's dtype, with no fp32 chunk x V buffer.
+    is_target = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
+    grad = torch.exp(z - log_z[:, None]) - is_target.to(z.dtype)
     if softcap:
         grad = grad * (1.0 - capped.pow(2))
     if divisor:
