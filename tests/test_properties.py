@@ -231,3 +231,29 @@ def test_a_few_training_steps_reduce_the_loss(case):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses  # a random tiny model: ~1% of ln(vocab) is a real drop
+
+
+@params
+def test_compiled_blocks_are_one_graph_each_and_match_eager(case):
+    """``compile`` compiles each decoder block: a graph break inside (a branch on a tensor, an untraceable
+    call) splits every block at every adapter, which ran DiffoRA and Polyhistor at up to 1.9x LoRA's
+    step on the GPU. Dynamo's eager backend checks the tracing alone (fullgraph: a break raises)."""
+    from peftlab.core.hf import repeated_blocks
+
+    if not supported(case, "llama"):
+        pytest.skip("unsupported pair (covered by test_only_adapter_parameters_train)")
+    model, inputs, _ = build(case, "llama")
+    perturb(model)
+    model.eval()
+    with torch.no_grad():
+        expected = output_of(model, inputs)
+    torch._dynamo.reset()
+    blocks = repeated_blocks(model.model)
+    try:
+        for block in blocks:
+            block.compile(backend="eager", fullgraph=True)
+        with torch.no_grad():
+            torch.testing.assert_close(output_of(model, inputs), expected)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None

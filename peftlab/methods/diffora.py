@@ -36,7 +36,9 @@ The selection state (``searching``, ``selected``) is learned, so it is kept in p
 and saved. Parameters cannot change shape during training, so unselected modules keep their
 (now idle, zero-gradient) LoRA factors and their DAM entry; after the search their forward skips the
 LoRA product (the phase flags are read from the device only after they change, so the forward does
-not synchronise with the GPU on every call).
+not synchronise with the GPU on every call). Compiled code cannot branch on the flags without breaking
+the graph at every adapter: there the gate is arithmetic on them, and unselected modules compute their
+zero update and get zero gradients.
 
 Trainable parameters per adapted layer: r·(in + out) + 1 (LoRA factors + one DAM logit); after
 discretization only the selected modules' factors still receive gradients. Mergeable: ΔW = g·s·B A
@@ -83,11 +85,16 @@ class DiffoRAAdapter(LayerAdapter):
             return torch.sigmoid(self.dam_logit)
         return self.selected.float()
 
+    def traced_gate(self) -> torch.Tensor:
+        """``gate`` without a branch on the flags, for code torch.compile traces: a branch would break the
+        graph at every adapter. Unselected modules then compute their (zero) update rather than skip it."""
+        return torch.where(self.searching, torch.sigmoid(self.dam_logit), self.selected.to(self.dam_logit.dtype))
+
     def phase(self) -> tuple[bool, bool]:
         """(searching, selected), read from the device once per change of the buffers (their version
         counters move on every in-place write: discretize, load) instead of on every call."""
         flags = (self.searching, self.selected)
-        if torch.compiler.is_compiling() or any(f.is_inference() for f in flags):
+        if any(f.is_inference() for f in flags):
             return bool(flags[0]), bool(flags[1])
         key = tuple((id(f), f.data_ptr(), f._version) for f in flags)
         cached = self.__dict__.get("_phase")
@@ -99,10 +106,13 @@ class DiffoRAAdapter(LayerAdapter):
     def forward(self, layer, x, base):
         """base(x) + g·s·B A dropout(x): g·s rides on B's cast, the sum on the B-GEMM (addmm), as in LoRA."""
         out = base(x)
-        searching, selected = self.phase()
-        if not searching and not selected:
-            return out
-        gain = torch.sigmoid(self.dam_logit) * self.scale if searching else self.scale  # Γ = 1 when selected
+        if torch.compiler.is_compiling():
+            gain = self.traced_gate() * self.scale
+        else:
+            searching, selected = self.phase()
+            if not searching and not selected:
+                return out
+            gain = torch.sigmoid(self.dam_logit) * self.scale if searching else self.scale  # Γ = 1 when selected
         xa = linear(self.dropout(x).reshape(-1, self.lora_A.shape[1]), self.lora_A)
         flat = torch.addmm(out.reshape(xa.shape[0], -1), xa, (self.lora_B * gain).to(xa.dtype).T)
         return flat.view(out.shape)

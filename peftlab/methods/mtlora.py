@@ -148,6 +148,16 @@ class TaskSelector:
         resolved = self._resolve(x)
         return None if resolved is None else resolved[0]
 
+    def required_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """One id per example of ``x`` on x's device, ConfigError when no task is set; in compiled code
+        from ``traced_ids``."""
+        if torch.compiler.is_compiling():
+            return self.traced_ids(x, required=True)
+        ids = self.for_batch(x)
+        if ids is None:
+            raise self.missing()
+        return ids
+
     def route(self, x: torch.Tensor) -> int | torch.Tensor | None:
         """How ``x``'s examples are routed: None when no task is set, the task (an int) when every
         example has the same one, else one id per example on x's device (as ``for_batch``). The

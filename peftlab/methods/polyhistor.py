@@ -147,11 +147,8 @@ class PolyhistorAdapter(LayerAdapter):
         return down[ids], up[ids]
 
     def forward(self, layer, x, base):
-        ids = self.selector.for_batch(x)
-        if ids is None:
-            raise self.selector.missing()
         out = base(x)
-        down, up = (k.to(x.dtype) for k in self.kernels(ids))
+        down, up = (k.to(x.dtype) for k in self.kernels(self.selector.required_ids(x)))
         scale_down, scale_up = self.scale_down.to(x.dtype), self.scale_up.to(x.dtype)
         batch = x.shape[0] if x.dim() > 1 else 1
         chunks = x.reshape(batch, -1, x.shape[-1] // self.width_in, self.width_in)

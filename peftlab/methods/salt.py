@@ -186,8 +186,9 @@ class SALTAdapter(LayerAdapter):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def _cached_product(self, dtype: torch.dtype) -> torch.Tensor:
-        """L R, kept in eval mode until a parameter changes (dropped when the adapter is set to training)."""
-        if self.training or self._tracks_gradients():
+        """L R, kept in eval mode until a parameter changes (dropped when the adapter is set to training);
+        compiled code builds it in the graph (dynamo cannot compare data pointers)."""
+        if self.training or self._tracks_gradients() or torch.compiler.is_compiling():
             return self._product(dtype)
         params = (self.scale, self.shift, self.X, self.Y)
         key = (dtype, self.u.device, self.u.data_ptr(), *((p.data_ptr(), p._version) for p in params))
