@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import peftlab
 from peftlab.core.inject import hosts
@@ -290,3 +291,33 @@ def test_fused_function_inside_an_autocast_region():
     assert abs(loss16 - loss32) < 0.02 * loss32
     for g16, g32 in zip(grads16, grads32):
         assert g16.dtype == torch.float32 and (g16 - g32).norm() <= 0.1 * g32.norm() + 1e-6
+
+
+@pytest.mark.parametrize("plan", [TransformPlan((3,), True), TransformPlan((1, 2), True)], ids=["dense", "split"])
+def test_compiled_fold_matches_eager_and_keeps_no_merged_weight(plan):
+    """Compiled, the folded function is the eager one, and the forward graph hands backward no weight-sized
+    tensor but W0 itself (LoRA's traced fold kept its W + s·B A: core.layers runs it as an opaque op)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    model = nn.Sequential(nn.Linear(48, 40, dtype=torch.float64))
+    peftlab.adapt(model, "tlora", r=2, targets=["0"], tensor_shapes={"48": [2, 4, 6]}).double()
+    randomise(model, scale=0.3)
+    layer, adapter = adapters_of(model)[0]
+    adapter.plan_override = plan
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [x, *params])
+    kept = []
+
+    def forward_compiler(graph, inputs):
+        output = next(node for node in graph.graph.nodes if node.op == "output")
+        kept.extend((tuple(node.meta["val"].shape), node.op) for node in output.args[0][1:] if node is not None)
+        return graph.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(x)
+    assert [op for shape, op in kept if shape == tuple(layer.weight.shape)] == ["placeholder"]
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out.pow(2).sum(), [x, *params]), expected_grads):
+        torch.testing.assert_close(got, want)
