@@ -7,11 +7,20 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import peftlab
 from peftlab.core.inject import hosts
 from peftlab.core.layers import weight_matrix
-from peftlab.methods.tlora import factorize, ring_matrix, tensor_shape, tlora_dense_weight
+from peftlab.methods.tlora import (
+    TransformPlan,
+    compositions,
+    factorize,
+    plan_transform,
+    ring_matrix,
+    tensor_shape,
+    tlora_dense_weight,
+)
 
 from ..conftest import tiny_gpt2, tiny_llama
 
@@ -149,25 +158,14 @@ def reference_forward(adapter, layer, x, params):
     return y if layer.bias is None else y + layer.bias.detach().double()
 
 
-@pytest.mark.parametrize("cast", [True, False], ids=["fp32-params", "fp64-params"])
-@pytest.mark.parametrize("options", [{"r": 3, "alpha": 2.0},
-                                     {"r": 2, "tensor_shapes": {"32": [4, 8, 1], "48": [3, 1, 16], "128": [1, 16, 8]}},
-                                     {"r": 2, "residual": "tr"}])
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_fused_forward_and_backward_match_the_dense_formula(make, options, cast):
-    """The fused Kronecker-transform function (recomputing backward, factors cast together, s on GEMM
-    alphas) against autograd through the dense formula in float64: outputs and the gradients wrt x and
-    every trainable parameter, with and without a gradient for x."""
-    model = peftlab.adapt(make().double(), "tlora", **options)
-    if not cast:
-        model.double()  # adapter parameters in the activations' dtype: no cast at all
-    randomise(model, scale=0.3)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if cast else {"rtol": 1e-9, "atol": 1e-10}
-    gen = torch.Generator().manual_seed(1)
+def assert_matches_the_dense_formula(model, tol, lead=(2, 3), seed=1):
+    """Outputs and the gradients wrt x and every trainable parameter against autograd through the dense
+    formula in float64, with and without a gradient for x."""
+    gen = torch.Generator().manual_seed(seed)
     for layer, adapter in adapters_of(model):
         names = [name for name, p in adapter.named_parameters() if p.requires_grad]
         for x_grad in (True, False):
-            x = torch.randn(2, 3, adapter.fan_in, generator=gen, dtype=torch.float64, requires_grad=x_grad)
+            x = torch.randn(*lead, adapter.fan_in, generator=gen, dtype=torch.float64, requires_grad=x_grad)
             y = layer(x)
             weights = torch.randn(y.shape, generator=gen, dtype=torch.float64)
             inputs = ([x] if x_grad else []) + [adapter.get_parameter(n) for n in names]
@@ -183,18 +181,94 @@ def test_fused_forward_and_backward_match_the_dense_formula(make, options, cast)
                 torch.testing.assert_close(actual.double(), want, **tol)
 
 
-def test_backward_keeps_no_token_sized_intermediate():
+def pin_plan(model, plan):
+    for _, adapter in adapters_of(model):
+        adapter.plan_override = plan
+
+
+PLANS = [TransformPlan(groups, folded) for groups in compositions(3) for folded in (False, True)]
+
+
+@pytest.mark.parametrize("plan", [None, *PLANS], ids=lambda p: "auto" if p is None else
+                         f"{'fold' if p.folded else 'tokens'}-{'.'.join(map(str, p.groups))}")
+@pytest.mark.parametrize("cast", [True, False], ids=["fp32-params", "fp64-params"])
+@pytest.mark.parametrize("options", [{"r": 3, "alpha": 2.0},
+                                     {"r": 2, "tensor_shapes": {"32": [4, 8, 1], "48": [3, 1, 16], "128": [1, 16, 8]}},
+                                     {"r": 2, "residual": "tr"}])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_every_plan_matches_the_dense_formula(make, options, cast, plan):
+    """Each way to run the Kronecker transform (modes merged into fewer factors, on the activations or folded
+    into the weight's rows; factors cast together, s on GEMM alphas, operands recomputed in backward)
+    computes the dense formula's function. The TR residual never folds."""
+    if plan is not None and plan.folded and options.get("residual") == "tr":
+        pytest.skip("the TR residual runs on the activations only")
+    model = peftlab.adapt(make().double(), "tlora", **options)
+    if not cast:
+        model.double()  # adapter parameters in the activations' dtype: no cast at all
+    randomise(model, scale=0.3)
+    pin_plan(model, plan)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if cast else {"rtol": 1e-9, "atol": 1e-10}
+    assert_matches_the_dense_formula(model, tol)
+
+
+def test_cost_model_picks_each_path_on_tiny_widths():
+    """The plan is the cost model's cheapest: on the activations for a few tokens, folded into the weight
+    once the tokens outnumber the weight's rows enough to pay for the weight's gradient, never folded where
+    the layer cannot take it; forward and backward match the dense formula either way."""
+    shape = (2, 4, 4)  # tiny Llama's 32
+    assert not plan_transform(6, 48, shape, True).folded
+    assert plan_transform(4096, 48, shape, True).folded and not plan_transform(4096, 48, shape, False).folded
+    model = peftlab.adapt(tiny_llama().double(), "tlora", r=2)
+    randomise(model, scale=0.3)
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    for lead, folded in (((2, 3), False), ((4, 1024), True)):
+        for layer, adapter in adapters_of(model):
+            x2d = torch.zeros(math.prod(lead), adapter.fan_in, dtype=torch.float64)
+            assert adapter.transform_plan(x2d, adapter.can_fold(layer, torch.float64)).folded == folded
+        assert_matches_the_dense_formula(model, tol, lead)
+
+
+def test_cost_model_on_llama_3_2_1b_shapes():
+    """The rule the docstring states for an H100 at 8192 tokens: q, k, v, o fold with T dense on W0's rows,
+    down folds with F_1 | F_2 ⊗ F_3, gate and up stay on the activations with T dense; at 256 tokens
+    nothing folds."""
+    hidden, inter = (8, 16, 16), (16, 16, 32)
+    dense_folded = TransformPlan((3,), True)
+    assert plan_transform(8192, 2048, hidden, True) == dense_folded == plan_transform(8192, 512, hidden, True)
+    assert plan_transform(8192, 8192, hidden, True) == TransformPlan((3,), False)
+    assert plan_transform(8192, 2048, inter, True) == TransformPlan((1, 2), True)
+    assert not any(plan_transform(256, out, shape, True).folded
+                   for out, shape in ((2048, hidden), (512, hidden), (8192, hidden), (2048, inter)))
+
+
+def test_folding_needs_a_frozen_weight_in_the_gemm_dtype():
+    model = peftlab.adapt(tiny_llama().double(), "tlora")
+    layer, adapter = adapters_of(model)[0]
+    assert adapter.can_fold(layer, torch.float64) and not adapter.can_fold(layer, torch.float32)
+    layer.weight.requires_grad_(True)
+    assert not adapter.can_fold(layer, torch.float64)
+    layer.weight.requires_grad_(False)
+    adapter.plan_override = TransformPlan((3,), folded=True)
+    with pytest.raises(ValueError, match="cannot take it"):
+        adapter.forward(layer, torch.zeros(1, adapter.fan_in, dtype=torch.float32), layer)
+
+
+@pytest.mark.parametrize("plan", [None, *PLANS], ids=lambda p: "auto" if p is None else
+                         f"{'fold' if p.folded else 'tokens'}-{'.'.join(map(str, p.groups))}")
+def test_backward_keeps_no_token_sized_intermediate(plan):
     """Autograd keeps x and small tensors only: the transform's intermediate mode products are recomputed
-    in backward (the 1B-shape step kept three extra copies of the input per projection before)."""
+    in backward (the 1B-shape step kept three extra copies of the input per projection before), and a
+    folded W0 T + s·B A is built again rather than kept."""
     model = peftlab.adapt(tiny_llama(), "tlora")
     layer, adapter = next((m, a) for m, a in adapters_of(model) if a.fan_in == 48)  # down_proj: 16·3 modes
+    adapter.plan_override = plan
     x = torch.randn(256, 48, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer(x)
     kept = {x.untyped_storage().data_ptr(), layer.weight.untyped_storage().data_ptr()}
-    big = [tuple(t.shape) for t in saved  # x A^T (tokens x r) is fine, as in LoRA
-           if t.numel() > x.shape[0] * adapter.lora_A.shape[0] and t.untyped_storage().data_ptr() not in kept]
+    big = [tuple(t.shape) for t in saved  # merged factors (at most in x in) are fine, a merged W0 T is not
+           if (t.numel() >= x.numel() or t.shape == layer.weight.shape) and t.untyped_storage().data_ptr() not in kept]
     assert not big, big
     y.sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in adapter.parameters())
@@ -217,3 +291,33 @@ def test_fused_function_inside_an_autocast_region():
     assert abs(loss16 - loss32) < 0.02 * loss32
     for g16, g32 in zip(grads16, grads32):
         assert g16.dtype == torch.float32 and (g16 - g32).norm() <= 0.1 * g32.norm() + 1e-6
+
+
+@pytest.mark.parametrize("plan", [TransformPlan((3,), True), TransformPlan((1, 2), True)], ids=["dense", "split"])
+def test_compiled_fold_matches_eager_and_keeps_no_merged_weight(plan):
+    """Compiled, the folded function is the eager one, and the forward graph hands backward no weight-sized
+    tensor but W0 itself (LoRA's traced fold kept its W + s·B A: core.layers runs it as an opaque op)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    model = nn.Sequential(nn.Linear(48, 40, dtype=torch.float64))
+    peftlab.adapt(model, "tlora", r=2, targets=["0"], tensor_shapes={"48": [2, 4, 6]}).double()
+    randomise(model, scale=0.3)
+    layer, adapter = adapters_of(model)[0]
+    adapter.plan_override = plan
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [x, *params])
+    kept = []
+
+    def forward_compiler(graph, inputs):
+        output = next(node for node in graph.graph.nodes if node.op == "output")
+        kept.extend((tuple(node.meta["val"].shape), node.op) for node in output.args[0][1:] if node is not None)
+        return graph.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(x)
+    assert [op for shape, op in kept if shape == tuple(layer.weight.shape)] == ["placeholder"]
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(torch.autograd.grad(out.pow(2).sum(), [x, *params]), expected_grads):
+        torch.testing.assert_close(got, want)
