@@ -117,6 +117,13 @@ def _folded_grads(grad, x, weight, a, b, needs_x: bool, needs_a: bool, needs_b: 
     return grad_x, grad_a, grad_b
 
 
+def _folded_backward(ctx, grad):
+    """Backward of the fold for x, W, b, A, B (the autograd function and the operator alike)."""
+    needs = ctx.needs_input_grad
+    grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
+    return grad_x, None, None, grad_a, grad_b
+
+
 class _FoldedLowRank(torch.autograd.Function):
     """y = x (W + B A)ᵀ + b for a frozen W, b: one product of the layer's size each way, no dense gradient.
 
@@ -131,9 +138,7 @@ class _FoldedLowRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
-        return grad_x, None, None, grad_a, grad_b
+        return _folded_backward(ctx, grad)
 
 
 # The same function as an operator opaque to torch.compile: traced through, backward's rebuilt W + B A is the
@@ -155,13 +160,7 @@ def _save_folded_inputs(ctx, inputs, output):
     ctx.save_for_backward(x, weight, a, b)
 
 
-def _folded_op_backward(ctx, grad):
-    needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
-    return grad_x, None, None, grad_a, grad_b
-
-
-_folded_low_rank_op.register_autograd(_folded_op_backward, setup_context=_save_folded_inputs)
+_folded_low_rank_op.register_autograd(_folded_backward, setup_context=_save_folded_inputs)
 
 
 def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -180,15 +179,21 @@ def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch
     return product * gain if layer.bias is None else torch.addcmul(layer.bias, product, gain)
 
 
+def frozen_in(layer: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether the layer's weight and bias are frozen and of ``dtype``: an update may then be merged into its
+    product, which gives them no gradient and runs in their dtype."""
+    weight, bias = layer.weight, layer.bias
+    if weight.requires_grad or weight.dtype != dtype:
+        return False
+    return bias is None or (not bias.requires_grad and bias.dtype == dtype)
+
+
 def folds_low_rank(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether a low-rank update on ``layer`` is cheaper merged into W for this input: the weight and bias are
     frozen and share x's dtype outside autocast, and there are at least as many tokens as the harmonic mean of
     the layer's widths (building W + B A twice then moves less memory than the low-rank path's extra passes
     over the activations). The caller checks that the adapter is alone on the layer (core.inject.folds_into)."""
-    weight, bias = layer.weight, layer.bias
-    if weight.requires_grad or weight.dtype != x.dtype or (bias is not None and bias.requires_grad):
-        return False
-    if torch.is_autocast_enabled(x.device.type):
+    if not frozen_in(layer, x.dtype) or torch.is_autocast_enabled(x.device.type):
         return False
     fan_out, fan_in = weight_matrix(layer).shape
     return x.numel() // fan_in * (fan_in + fan_out) >= 2 * fan_in * fan_out

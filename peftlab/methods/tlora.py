@@ -87,7 +87,7 @@ import torch
 from torch import nn
 
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, linear, weight_matrix
+from peftlab.core.layers import add_product, frozen_in, linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -497,9 +497,7 @@ class TLoRAAdapter(LayerAdapter):
     def can_fold(self, layer: nn.Module, dtype: torch.dtype) -> bool:
         """Whether T and the LoRA residual may ride on the layer's product (``FoldedKron``): the adapter is
         alone on a plain layer (``folds_into``) whose weight and bias are frozen and in the GEMMs' dtype."""
-        weight, bias = layer.weight, layer.bias
-        plain = self.residual_kind == "lora" and folds_into(layer) and not weight.requires_grad
-        return plain and weight.dtype == dtype and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
+        return self.residual_kind == "lora" and folds_into(layer) and frozen_in(layer, dtype)
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.transform):
