@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Speed comparisons of issue 8 on one GPU (results under $OUT): `bash benchmarks/gpu/speed_session.sh A|B`.
 # A: LoRA on the 8B shape, both gradient-checkpointed (then peftlab alone under each of BUDGETS, if set);
-#    peftlab (transformer blocks compiled) beside HF PEFT (eager, its usual recipe) on the 1B shape;
+#    peftlab (transformer blocks compiled) beside HF PEFT (eager, its usual recipe) on the 1B shape
+#    (METHODS_1B: a comma list, default lora,dora,ia3);
 # B: the whole zoo on the 1B shape, step time relative to LoRA, eager;
 # C: the same with the transformer blocks compiled (METHODS: a comma list, LoRA first; default all).
 # Each step has its own time limit so that one slow step cannot take the others' results with it.
@@ -17,7 +18,7 @@ if [ "${1:-A}" = A ]; then
     bench 110 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --compile --activation-budget "$budget" \
       --impl peftlab --output "$OUT/speed-8b-budget-$budget"
   done
-  bench 170 --shapes llama-3.2-1b --methods lora,dora,ia3 --compile --output "$OUT/speed-1b"
+  bench 170 --shapes llama-3.2-1b --methods "${METHODS_1B:-lora,dora,ia3}" --compile --output "$OUT/speed-1b"
 else
   ALL=$(python3 -c "import peftlab; print(','.join(['lora'] + [m for m in peftlab.methods() if m != 'lora']))")
   if [ "$1" = B ]; then
