@@ -379,7 +379,6 @@ def compositions(total: int) -> list[tuple[int, ...]]:
     return [(first, *rest) for first in range(1, total + 1) for rest in compositions(total - first)]
 
 
-@functools.lru_cache(maxsize=1024)
 def plan_transform(tokens: int, fan_out: int, shape: tuple[int, ...], can_fold: bool,
                    device_type: str = "cuda") -> TransformPlan:
     """The plan of least ``plan_cost`` for ``tokens`` rows on this kind of device: every grouping of the modes,
@@ -392,6 +391,11 @@ def plan_transform(tokens: int, fan_out: int, shape: tuple[int, ...], can_fold: 
             if cost < best_cost:
                 best, best_cost = TransformPlan(groups, folded), cost
     return best
+
+
+# Eager calls plan once per token count; compiled code calls the plain function, since dynamo traces through a
+# cache wrapper anyway (with a warning) and keeps the plan as a constant of the graph.
+_cached_plan = functools.lru_cache(maxsize=1024)(plan_transform)
 
 
 def ring_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -492,7 +496,8 @@ class TLoRAAdapter(LayerAdapter):
                 raise ValueError("plan_override folds T into a layer that cannot take it")
             return self.plan_override
         shape = tuple(core.shape[0] for core in self.transform)
-        return plan_transform(int(x2d.shape[0]), self.fan_out, shape, can_fold, x2d.device.type)
+        planner = plan_transform if torch.compiler.is_compiling() else _cached_plan
+        return planner(int(x2d.shape[0]), self.fan_out, shape, can_fold, x2d.device.type)
 
     def can_fold(self, layer: nn.Module, dtype: torch.dtype) -> bool:
         """Whether T and the LoRA residual may ride on the layer's product (``FoldedKron``): the adapter is
