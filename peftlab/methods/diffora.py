@@ -80,14 +80,8 @@ class DiffoRAAdapter(LayerAdapter):
             self.lora_A.copy_(torch.empty(config.r, fan_in).uniform_(-bound, bound, generator=gen))
 
     def gate(self) -> torch.Tensor:
-        """σ(α) while searching, the binary DAM entry afterwards."""
-        if bool(self.searching):
-            return torch.sigmoid(self.dam_logit)
-        return self.selected.float()
-
-    def traced_gate(self) -> torch.Tensor:
-        """``gate`` without a branch on the flags, for code torch.compile traces: a branch would break the
-        graph at every adapter. Unselected modules then compute their (zero) update rather than skip it."""
+        """σ(α) while searching, the binary DAM entry afterwards. Without a branch on the flags: code
+        torch.compile traces would break its graph there at every adapter, and merging need not sync."""
         return torch.where(self.searching, torch.sigmoid(self.dam_logit), self.selected.to(self.dam_logit.dtype))
 
     def phase(self) -> tuple[bool, bool]:
@@ -107,7 +101,7 @@ class DiffoRAAdapter(LayerAdapter):
         """base(x) + g·s·B A dropout(x): g·s rides on B's cast, the sum on the B-GEMM (addmm), as in LoRA."""
         out = base(x)
         if torch.compiler.is_compiling():
-            gain = self.traced_gate() * self.scale
+            gain = self.gate() * self.scale  # unselected modules compute their zero update
         else:
             searching, selected = self.phase()
             if not searching and not selected:
