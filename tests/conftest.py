@@ -83,6 +83,23 @@ def output_of(model, inputs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+def compiled_blocks_output(model, inputs) -> torch.Tensor:
+    """``output_of`` (no grad) with each decoder block compiled as the trainer's ``compile`` does, traced by
+    dynamo's eager backend with ``fullgraph`` (a graph break raises); the blocks go back to eager after."""
+    from peftlab.core.hf import repeated_blocks
+
+    torch._dynamo.reset()
+    blocks = repeated_blocks(model.model)
+    try:
+        for block in blocks:
+            block.compile(backend="eager", fullgraph=True)
+        with torch.no_grad():
+            return output_of(model, inputs)
+    finally:
+        for block in blocks:
+            block._compiled_call_impl = None
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

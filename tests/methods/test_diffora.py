@@ -10,7 +10,7 @@ from peftlab.core import api
 from peftlab.core.method import TrainingStep
 from peftlab.methods.diffora import dam_parameters, select_modules
 
-from ..conftest import make_inputs, output_of, tiny_llama
+from ..conftest import compiled_blocks_output, make_inputs, output_of, tiny_llama
 
 CASES = {"diffora": {"r": 4}}
 VARIANTS = [("diffora", {"r": 4, "select_ratio": 0.25, "search_steps": 0, "dropout": 0.0})]
@@ -95,23 +95,14 @@ def test_manual_selection_weight_sharing_and_save_load(tmp_path):
 def test_compiled_blocks_gate_as_eager_in_both_phases():
     """Compiled, the gate is arithmetic on the phase flags (no branch, one graph): σ(α) while searching,
     the 0/1 selection afterwards, as the eager forward's branches."""
-    from peftlab.core.hf import repeated_blocks
-
     model, _ = _setup(search_fraction=1.0)
     inputs = make_inputs("llama")
-    torch._dynamo.reset()
-    blocks = repeated_blocks(model.model)
     for phase in ("search", "selected"):
         if phase == "selected":
             select_modules(model, k=3)
         with torch.no_grad():
             expected = output_of(model, inputs)
-            for block in blocks:
-                block.compile(backend="eager", fullgraph=True)
-            got = output_of(model, inputs)
-            for block in blocks:
-                block._compiled_call_impl = None
-        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(compiled_blocks_output(model, inputs), expected)
 
 
 def test_config_errors():
