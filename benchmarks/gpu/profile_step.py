@@ -1,14 +1,16 @@
 """Where a peftlab training step spends GPU time: `python benchmarks/gpu/profile_step.py lora [--shape S] ...`.
 
 Times the same steps as peftlab.bench.speed (blocks compiled unless --eager), then profiles two steps and
-prints the kernel time per step split into products (GEMMs), attention, compiled (Triton) kernels and the
-rest; the products' time split into low-rank ones (a dimension <= --rank-max) and those of the model's
-own size; and the longest kernels and products (with their input shapes).
+prints the step's wall time beside the GPU's busy time; the kernel time per step split into products
+(GEMMs), attention, compiled (Triton) kernels and the rest; the products' time split into low-rank ones
+(a dimension <= --rank-max) and those of the model's own size; and the longest kernels, products and
+copies (the last two with their input shapes).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.autograd import DeviceType
@@ -19,6 +21,7 @@ from peftlab.bench.speed import OPTIONS, build_model, time_steps
 from peftlab.methods import lora
 from peftlab.train.loss import SupervisedLoss
 
+COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::index", "aten::index_put_")
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
 
 
@@ -27,7 +30,9 @@ def gpu_us(event) -> float:
 
 
 def is_kernel(event) -> bool:
-    return getattr(event, "device_type", None) == DeviceType.CUDA
+    """A kernel on the GPU's timeline; not torch.compile's "## Call CompiledFxGraph" annotations, which span
+    their graphs' kernels and would count them twice."""
+    return getattr(event, "device_type", None) == DeviceType.CUDA and not event.key.startswith("## ")
 
 
 def kernel_kind(name: str) -> str:
@@ -74,18 +79,22 @@ def main() -> None:
     print(f"{args.shape} {args.method}: {args.batch * args.seq / seconds:,.0f} tok/s, {seconds * 1e3:.1f} ms/step, "
           f"peak {peak:.2f} GiB", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        start = time.perf_counter()
         for _ in range(2):
             step()
             for p in params:
                 p.grad = None
         torch.cuda.synchronize()
+        profiled_ms = (time.perf_counter() - start) / 2 * 1e3
     events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if gpu_us(e) > 0),
                     key=gpu_us, reverse=True)
     kernels = [e for e in events if is_kernel(e)]
     products = [e for e in events if not is_kernel(e) and e.key in PRODUCTS]
+    copies = [e for e in events if not is_kernel(e) and e.key in COPIES]
+    print(f"profiled step {profiled_ms:.1f} ms, of it GPU busy {sum(map(gpu_us, kernels)) / 2e3:.1f} ms")
     print_split("kernel time per step", kernels, lambda e: kernel_kind(e.key))
     print_split("products", products, lambda e: product_kind(e, args.rank_max))
-    for title, rows in (("kernels", kernels), ("products by shape", products)):
+    for title, rows in (("kernels", kernels), ("products by shape", products), ("copies by shape", copies)):
         print(f"-- {title}, longest first (ms per step, calls per step)")
         for e in rows[:args.rows]:
             shapes = str([s for s in e.input_shapes if s])[:80]
