@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,3 +31,51 @@ def test_fused_linear_cross_entropy_matches_autograd(divisor, softcap):
     (got,) = torch.autograd.grad(fused * 0.7, hidden)
     assert torch.allclose(fused, reference, rtol=1e-9)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+
+def compare_triton_chunk(device: str, block: int | None = None) -> None:
+    """kernels.cross_entropy_triton against the reference chunk for several dtypes and post-processings."""
+    from peftlab.kernels import cross_entropy_triton
+    from peftlab.kernels.cross_entropy import _chunk_loss_and_grad
+
+    if block:
+        cross_entropy_triton.BLOCK = block
+    gen = torch.Generator().manual_seed(1)
+    vocab = 5 * (block or cross_entropy_triton.BLOCK) // 2  # several column blocks, the last one partial
+    for dtype in (torch.float32, torch.bfloat16):
+        for divisor, softcap in [(None, None), (None, 3.0), (2.0, 3.0)]:
+            case = (dtype, divisor, softcap)
+            logits = (torch.randn(6, vocab, generator=gen) * 4).to(device, dtype)
+            targets = torch.randint(0, vocab, (6,), generator=gen).to(device)
+            expected_total, expected_grad = _chunk_loss_and_grad(logits.clone(), targets, divisor, softcap, True)
+            total, grad = cross_entropy_triton.chunk_loss_and_grad(logits.clone(), targets, divisor, softcap, True)
+            loss_only, no_grad = cross_entropy_triton.chunk_loss_and_grad(logits.clone(), targets, divisor, softcap,
+                                                                          False)
+            assert no_grad is None
+            assert torch.allclose(total, expected_total, rtol=1e-5), case
+            assert torch.allclose(loss_only, expected_total, rtol=1e-5), case
+            # One rounding to the head's dtype apart (|grad| <= 1), or fp32 tanh's error (the kernel's goes by sigmoid).
+            tolerance = max(torch.finfo(dtype).eps, 1e-6)
+            assert grad.dtype == dtype, case
+            assert torch.allclose(grad.float(), expected_grad.float(), atol=tolerance, rtol=0), case
+
+
+def run_triton(check: str, on_gpu: dict, on_cpu: dict) -> None:
+    """Call tests.test_kernels.<check> on CUDA in this process; else under Triton's CPU interpreter, which must
+    be chosen before Triton is first imported, hence a child process. Skipped where Triton is not installed
+    (the CPU CI); the device runs the CUDA case."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        globals()[check]("cuda", **on_gpu)
+        return
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = f"from tests.test_kernels import {check}; {check}('cpu', **{on_cpu!r})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_triton_chunk_matches_reference():
+    run_triton("compare_triton_chunk", on_gpu={}, on_cpu={"block": 64})
+

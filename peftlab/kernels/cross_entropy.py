@@ -30,8 +30,6 @@ def _chunk_loss_and_grad(logits, targets, divisor, softcap, need_grad: bool):
     total = (log_z - z.gather(1, targets[:, None]).squeeze(1)).sum()
     if not need_grad:
         return total, None
-    # The one-hot as a comparison, not an in-place update: compiled, the whole gradient is then one
-    # pointwise pass written in the head's dtype, with no fp32 chunk x V buffer.
     is_target = torch.arange(z.shape[-1], device=z.device) == targets[:, None]
     grad = torch.exp(z - log_z[:, None]) - is_target.to(z.dtype)
     if softcap:
@@ -41,18 +39,16 @@ def _chunk_loss_and_grad(logits, targets, divisor, softcap, need_grad: bool):
     return total, grad.to(logits.dtype)
 
 
-_compiled_chunk = None
-
-
-def _chunk_function(device: torch.device):
-    """On CUDA the chunk's softmax arithmetic is compiled into one or two kernels that read the bf16
-    logits instead of materialising fp32 copies (about 4x less memory traffic); eager elsewhere."""
-    global _compiled_chunk
-    if device.type != "cuda":
+def _chunk_function(logits: torch.Tensor):
+    """The Triton kernel (kernels.cross_entropy_triton: two passes over the logits, the gradient written
+    in place) for half- and single-precision logits on CUDA; this module's reference elsewhere."""
+    if logits.device.type != "cuda" or logits.dtype == torch.float64:
         return _chunk_loss_and_grad
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=True)
-    return _compiled_chunk
+    try:
+        from peftlab.kernels.cross_entropy_triton import chunk_loss_and_grad
+    except ImportError:  # CUDA without Triton (not a torch wheel for Linux)
+        return _chunk_loss_and_grad
+    return chunk_loss_and_grad
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -61,9 +57,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         need_grad = hidden.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        loss_and_grad = _chunk_function(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             logits = hidden[start:start + chunk] @ weight.T
+            loss_and_grad = _chunk_function(logits)
             part, grad = loss_and_grad(logits, targets[start:start + chunk], divisor, softcap, need_grad)
             total += part
             if need_grad:
