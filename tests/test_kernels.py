@@ -64,7 +64,7 @@ def compare_triton_chunk(device: str, block: int | None = None) -> None:
 def run_triton(check: str, on_gpu: dict, on_cpu: dict) -> None:
     """Call tests.test_kernels.<check> on CUDA in this process; else under Triton's CPU interpreter, which must
     be chosen before Triton is first imported, hence a child process. Skipped where Triton is not installed
-    (the CPU CI); the device runs the CUDA case."""
+    (the dev extra installs it on Linux x86-64)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         globals()[check]("cuda", **on_gpu)
