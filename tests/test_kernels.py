@@ -33,7 +33,6 @@ def test_fused_linear_cross_entropy_matches_autograd(divisor, softcap):
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
 
 
-
 def compare_triton_chunk(device: str, block: int | None = None) -> None:
     """kernels.cross_entropy_triton against the reference chunk for several dtypes and post-processings."""
     from peftlab.kernels import cross_entropy_triton
@@ -78,4 +77,3 @@ def run_triton(check: str, on_gpu: dict, on_cpu: dict) -> None:
 
 def test_triton_chunk_matches_reference():
     run_triton("compare_triton_chunk", on_gpu={}, on_cpu={"block": 64})
-
