@@ -39,10 +39,11 @@ def _chunk_loss_and_grad(logits, targets, divisor, softcap, need_grad: bool):
     return total, grad.to(logits.dtype)
 
 
-def _chunk_function(logits: torch.Tensor):
-    """The Triton kernel (kernels.cross_entropy_triton: two passes over the logits, the gradient written
-    in place) for half- and single-precision logits on CUDA; this module's reference elsewhere."""
-    if logits.device.type != "cuda" or logits.dtype == torch.float64:
+def _chunk_function(hidden: torch.Tensor):
+    """For logits like ``hidden`` (same device and dtype): the Triton kernel (kernels.cross_entropy_triton:
+    two passes over the logits, the gradient written in place) for half and single precision on CUDA; this
+    module's reference elsewhere."""
+    if hidden.device.type != "cuda" or hidden.dtype == torch.float64:
         return _chunk_loss_and_grad
     try:
         from peftlab.kernels.cross_entropy_triton import chunk_loss_and_grad
@@ -57,9 +58,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         need_grad = hidden.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None
+        loss_and_grad = _chunk_function(hidden)
         for start in range(0, hidden.shape[0], chunk):
             logits = hidden[start:start + chunk] @ weight.T
-            loss_and_grad = _chunk_function(logits)
             part, grad = loss_and_grad(logits, targets[start:start + chunk], divisor, softcap, need_grad)
             total += part
             if need_grad:
