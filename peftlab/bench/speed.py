@@ -125,7 +125,7 @@ def time_steps(step, params, warmup: int, steps: int) -> tuple[float, float | No
 
 
 def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compiled: bool,
-                activation_budget: float | None = None):
+                activation_budget: float | None = None, offload: bool = False):
     from peftlab.train.loss import SupervisedLoss
 
     config = peftlab.method_class(method)(**OPTIONS.get(method, {}))
@@ -134,7 +134,8 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     if getattr(config, "needs_calibration", False):
         extra["calibration"] = [{k: v[:2] for k, v in batch.items() if k != "labels"}]
     peftlab.adapt(model, config, **extra)
-    loss_fn = SupervisedLoss(model, compile_body=compiled, activation_budget=activation_budget)
+    loss_fn = SupervisedLoss(model, compile_body=compiled, activation_budget=activation_budget,
+                             offload_activations=offload)
 
     def step():
         total, count = loss_fn(batch)
@@ -170,7 +171,7 @@ def peft_run(model, method: str, batch: dict, warmup: int, steps: int):
 
 def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: int, seq: int, warmup: int,
                 steps: int, checkpointing: bool, compiled: bool, peak: float, device: torch.device,
-                activation_budget: float | None = None) -> list[Row]:
+                activation_budget: float | None = None, offload: bool = False) -> list[Row]:
     model, config = build_model(shape, checkpointing, device)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -181,7 +182,8 @@ def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: in
         note = []
         if "peftlab" in impls:
             try:
-                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, compiled, activation_budget)
+                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, compiled, activation_budget,
+                                                offload)
                 tok_s = batch_size * seq / seconds
                 lora_step = seconds if method == "lora" else lora_step
             except torch.OutOfMemoryError:
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-budget", type=float, default=None,
                         help="compiled blocks keep this share of their activations for backward (with "
                              "--checkpointing: 0, keeping only block inputs as checkpointing does)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="peftlab keeps what backward reads in host memory (peftlab.train.offload)")
     parser.add_argument("--output", default=f"benchmarks/results/speed-{datetime.date.today()}")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the harness itself")
     args = parser.parse_args(argv)
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(shape, methods, args.impl.split(","), args.batch, args.seq, args.warmup, args.steps,
-                            args.checkpointing, args.compile, peak, device, args.activation_budget)
+                            args.checkpointing, args.compile, peak, device, args.activation_budget,
+                            args.offload_activations)
     command = "python -m peftlab.bench.speed " + " ".join(argv or __import__("sys").argv[1:])
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"command": command, "device": name, "bf16_peak_tflops": round(peak, 1),

@@ -74,6 +74,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
     activation_budget: float | None = None  # compiled blocks: share of activations kept (0: checkpointing)
+    offload_activations: bool = False  # what backward reads waits in host memory (GPU; pays with checkpointing)
     shard: bool = False  # under torchrun: split the frozen transformer blocks across ranks (FSDP2)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
@@ -306,7 +307,8 @@ class Trainer:
             metrics = _Metrics(self.output / "metrics.jsonl", keep_until=step, tensorboard=args.tensorboard)
         else:
             metrics = _NoMetrics()
-        loss_fn = SupervisedLoss(self.model, compile_body=args.compile, activation_budget=args.activation_budget)
+        loss_fn = SupervisedLoss(self.model, compile_body=args.compile, activation_budget=args.activation_budget,
+                                 offload_activations=args.offload_activations)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False

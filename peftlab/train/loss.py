@@ -13,6 +13,7 @@ plain forward.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,15 +25,19 @@ from peftlab.core.hf import backbone_path, repeated_blocks
 from peftlab.kernels.cross_entropy import fused_linear_cross_entropy
 
 from .data import IGNORE
+from .offload import ActivationOffload
 
 
 class SupervisedLoss:
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile_body: bool = False,
-                 activation_budget: float | None = None):
+                 activation_budget: float | None = None, offload_activations: bool = False):
         """``compile_body``: compile the transformer blocks (fuses the norms, rotary embeddings and
         activations that eager mode runs as many small kernels, and recomputes the cheap ones in
-        backward instead of keeping them). ``activation_budget``: see ``compile_blocks``."""
+        backward instead of keeping them). ``activation_budget``: see ``compile_blocks``.
+        ``offload_activations``: keep what the model saves for backward in host memory
+        (peftlab.train.offload; a CUDA model)."""
         self.model = model
+        self.offload = _offload(model) if offload_activations else None
         self.chunk_tokens = chunk_tokens
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         path = backbone_path(model)
@@ -66,12 +71,17 @@ class SupervisedLoss:
         selected = targets != IGNORE
         count = int(selected.sum())
         if not self.fused or self.head.weight.requires_grad:
-            logits = self.model(**inputs, use_cache=False).logits[:, :-1]
+            with self._saving():
+                logits = self.model(**inputs, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum"), count
-        hidden = self.body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        with self._saving():
+            hidden = self.body(**inputs, use_cache=False).last_hidden_state[:, :-1]
         total = fused_linear_cross_entropy(hidden[selected], self.head.weight, targets[selected],
                                            chunk=self.chunk_tokens, divisor=self.logit_divisor, softcap=self.softcap)
         return total, count
+
+    def _saving(self):
+        return self.offload if self.offload is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def verify(self, batch: dict[str, torch.Tensor]) -> bool:
@@ -89,6 +99,13 @@ class SupervisedLoss:
             self.model.train(was_training)
         self.fused = bool(torch.allclose(ours, reference, rtol=2e-3, atol=1e-3 * max(count, 1)))
         return self.fused
+
+
+def _offload(model: nn.Module) -> ActivationOffload:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ConfigError(f"offload_activations moves activations from a GPU to host memory; the model is on {device}")
+    return ActivationOffload(model)
 
 
 @dataclass
