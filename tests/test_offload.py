@@ -100,9 +100,9 @@ class _Saves(torch.autograd.Function):
         return grad * 2
 
 
-def _chain(offload: ActivationOffload, layers: int, transposed: bool = False):
+def _chain(offload: ActivationOffload, layers: int, transposed: bool = False, rows: int = 8):
     _Saves.seen, _Saves.offload = [], offload
-    x = torch.randn(8, 16, requires_grad=True)
+    x = torch.randn(rows, 16, requires_grad=True)
     with offload:
         h = x * 1
         h = h.t() if transposed else h
@@ -129,7 +129,7 @@ def test_backward_prefetches_the_entries_before_it_within_the_budget(ahead, expe
     assert [held for _, held in _Saves.seen] == expected
 
 
-def test_a_second_backward_fetches_again_and_host_buffers_serve_the_next_step():
+def test_a_second_backward_fetches_again_and_host_buffers_serve_the_next_steps_shapes():
     offload = ActivationOffload(torch.nn.Linear(1, 1), min_bytes=0, device_type="cpu")
     out, _ = _chain(offload, layers=3)
     out.sum().backward(retain_graph=True)
@@ -137,8 +137,10 @@ def test_a_second_backward_fetches_again_and_host_buffers_serve_the_next_step():
     assert len(_Saves.seen) == 6
     buffers = {entry.host.data_ptr() for entry in offload.entries}
     del out
-    out, _ = _chain(offload, layers=3)
+    out, _ = _chain(offload, layers=3, rows=7)  # another length, the same size class
     assert {entry.host.data_ptr() for entry in offload.entries} == buffers
+    out.sum().backward()
+    assert len(_Saves.seen) == 3
 
 
 def test_offload_needs_a_gpu_model():

@@ -23,21 +23,29 @@ from torch import nn
 
 
 class _HostPool:
-    """Pinned buffers by layout, reused across steps: pinning costs far more than a copy."""
+    """Pinned byte buffers reused across steps (pinning costs far more than a copy), in size classes at
+    most a quarter above the sizes they serve: a tensor takes a buffer of its class whatever its shape,
+    so varying sequence lengths reuse buffers instead of pinning more for every new length."""
 
     def __init__(self, pin: bool):
         self.pin = pin
-        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.free: dict[int, list[torch.Tensor]] = {}
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(like.shape), like.stride(), like.dtype)
-        spare = self.free.get(key)
-        if spare:
-            return spare.pop()
-        return torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device="cpu", pin_memory=self.pin)
+    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a buffer, a view of it with ``like``'s shape, strides and dtype)."""
+        nbytes = like.numel() * like.element_size()
+        size = _size_class(nbytes)
+        spare = self.free.get(size)
+        buffer = spare.pop() if spare else torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        return buffer, buffer[:nbytes].view(like.dtype).as_strided(like.shape, like.stride())
 
     def give(self, buffer: torch.Tensor) -> None:
-        self.free.setdefault((tuple(buffer.shape), buffer.stride(), buffer.dtype), []).append(buffer)
+        self.free.setdefault(buffer.numel(), []).append(buffer)
+
+
+def _size_class(nbytes: int) -> int:
+    step = max((1 << max(nbytes - 1, 1).bit_length()) // 8, 4096)
+    return -(-nbytes // step) * step
 
 
 class _Offloaded:
@@ -46,8 +54,8 @@ class _Offloaded:
     The buffer goes back to the pool when autograd drops this entry (its graph is freed): a later
     forward may then overwrite it, and no backward can still read it."""
 
-    def __init__(self, host: torch.Tensor, device: torch.device, index: int, pool: _HostPool):
-        self.host, self.device, self.index, self.pool = host, device, index, pool
+    def __init__(self, buffer: torch.Tensor, host: torch.Tensor, device: torch.device, index: int, pool: _HostPool):
+        self.buffer, self.host, self.device, self.index, self.pool = buffer, host, device, index, pool
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         self.read = False  # by backward: prefetching skips it (a second backward fetches it again)
@@ -57,7 +65,7 @@ class _Offloaded:
         return self.host.numel() * self.host.element_size()
 
     def __del__(self):
-        self.pool.give(self.host)
+        self.pool.give(self.buffer)
 
 
 class ActivationOffload:
@@ -96,12 +104,12 @@ class ActivationOffload:
     def _pack(self, tensor: torch.Tensor):
         if self._keeps(tensor):
             return tensor
-        host = self.pool.take(tensor)
+        buffer, host = self.pool.take(tensor)
         with self._on_side():
             host.copy_(tensor, non_blocking=self.side is not None)
         if self.side is not None:
             tensor.record_stream(self.side)  # its GPU memory is reused only once the copy has read it
-        entry = _Offloaded(host, tensor.device, len(self.entries), self.pool)
+        entry = _Offloaded(buffer, host, tensor.device, len(self.entries), self.pool)
         self.entries.append(entry)
         return entry
 
