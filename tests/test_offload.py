@@ -76,6 +76,10 @@ def test_frozen_weights_small_tensors_and_strided_views_stay_where_they_are():
         layer(x).sum().backward()  # saves only the frozen weight
         (x * 2)[:, ::2].sin().sum().backward()  # saves a view with gaps
     assert offload.offloaded_bytes() == 0 and x.grad is not None
+    added_later = torch.nn.Linear(64, 64, bias=False)  # trainable: saves x; x needs a gradient: saves its weight
+    with offload:
+        added_later(x).sum().backward()
+    assert offload.offloaded_bytes() == x.numel() * x.element_size()
     with ActivationOffload(layer, min_bytes=4 * 64 * 4 + 1, device_type="cpu") as offload:
         (x * 2).sin().sum().backward()
     assert offload.offloaded_bytes() == 0

@@ -97,7 +97,11 @@ class ActivationOffload:
         return sum(entry.nbytes for entry in self.entries)
 
     def _keeps(self, tensor: torch.Tensor) -> bool:
-        return (tensor.device.type != self.device_type or not _dense(tensor)
+        """Parameters and their views (also of parameters added after this was built), tensor
+        subclasses (quantized or sharded weights), small tensors and views with gaps stay."""
+        base = tensor if tensor._base is None else tensor._base
+        return (type(tensor) is not torch.Tensor or isinstance(base, nn.Parameter)
+                or tensor.device.type != self.device_type or not _dense(tensor)
                 or tensor.numel() * tensor.element_size() < self.min_bytes
                 or tensor.untyped_storage().data_ptr() in self.frozen)
 
