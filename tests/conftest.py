@@ -31,6 +31,21 @@ def tiny_llama(seed: int = 0):
     return _random_biases(LlamaForCausalLM(config).eval(), seed)
 
 
+def lora_llama(checkpointed: bool = False):
+    """A tiny Llama in fp64 (exact comparisons) with LoRA r=4 whose B factors are random, so the adapters
+    change the output and get gradients in both factors."""
+    import peftlab
+
+    model = peftlab.adapt(tiny_llama(), "lora", r=4, dropout=0.0).double().train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    if checkpointed:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def tiny_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

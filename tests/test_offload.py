@@ -8,25 +8,13 @@ import weakref
 import pytest
 import torch
 
-import peftlab
 from peftlab.core.errors import ConfigError
 from peftlab.train.loss import SupervisedLoss
 from peftlab.train.offload import ActivationOffload
 
-from .conftest import tiny_llama
+from .conftest import lora_llama, tiny_llama
 
 IDS = torch.arange(3, 35).view(2, 16)
-
-
-def _lora_llama(checkpointed: bool = False):
-    model = peftlab.adapt(tiny_llama(), "lora", r=4, dropout=0.0).double().train()  # fp64: exact comparisons
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(generator=torch.Generator().manual_seed(len(name)))
-    if checkpointed:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def _grads(model, offload: ActivationOffload | None, body_only: bool = False):
@@ -41,8 +29,8 @@ def _grads(model, offload: ActivationOffload | None, body_only: bool = False):
 
 
 def test_offloaded_step_gives_the_same_gradients_and_reads_everything_back():
-    expected = _grads(_lora_llama(), None)
-    model = _lora_llama()
+    expected = _grads(lora_llama(), None)
+    model = lora_llama()
     offload = ActivationOffload(model, min_bytes=0, device_type="cpu")
     grads = _grads(model, offload)
     assert all(torch.equal(got, want) for got, want in zip(grads, expected, strict=True))
@@ -57,7 +45,7 @@ def test_compiled_checkpointed_blocks_offload_their_inputs(monkeypatch):
     runs = []
     for offloaded in (False, True):
         torch._dynamo.reset()
-        model = _lora_llama(checkpointed=True)
+        model = lora_llama(checkpointed=True)
         with SupervisedLoss(model, compile_body=True):
             offload = ActivationOffload(model, min_bytes=2 * 16 * 32 * 8, device_type="cpu")  # hidden states
             runs.append(_grads(model, offload if offloaded else None, body_only=True))

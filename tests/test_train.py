@@ -25,7 +25,7 @@ from peftlab.train.loop import TrainArgs, Trainer, TrainingError, train
 from peftlab.train.loss import SupervisedLoss
 from peftlab.train.templates import Example, to_example
 
-from .conftest import char_tokenizer, tiny_llama
+from .conftest import char_tokenizer, lora_llama, tiny_llama
 
 
 def write_data(path, n=48):
@@ -237,13 +237,7 @@ def _body_step(checkpointed: bool, compiled: bool):
     from torch.utils.flop_counter import FlopCounterMode
 
     torch._dynamo.reset()
-    model = peftlab.adapt(tiny_llama(), "lora", r=4, dropout=0.0).double().train()  # fp64: exact comparisons
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(generator=torch.Generator().manual_seed(len(name)))
-    if checkpointed:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = lora_llama(checkpointed)
     loss_fn = SupervisedLoss(model, compile_body=compiled)
     weights = {p.data_ptr() for p in model.parameters()}
     saved = []
