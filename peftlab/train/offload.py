@@ -34,7 +34,7 @@ class _HostPool:
 
     def take(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a buffer, a view of it with ``like``'s shape, strides and dtype)."""
-        nbytes = like.numel() * like.element_size()
+        nbytes = like.nbytes
         size = _size_class(nbytes)
         spare = self.free.get(size)
         buffer = spare.pop() if spare else torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
@@ -60,10 +60,6 @@ class _Offloaded:
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         self.read = False  # by backward: prefetching skips it (a second backward fetches it again)
-
-    @property
-    def nbytes(self) -> int:
-        return self.host.numel() * self.host.element_size()
 
     def __del__(self):
         self.pool.give(self.buffer)
@@ -95,7 +91,7 @@ class ActivationOffload:
 
     def offloaded_bytes(self) -> int:
         """Bytes moved to the host during the last forward."""
-        return sum(entry.nbytes for entry in self.entries)
+        return sum(entry.host.nbytes for entry in self.entries)
 
     def _keeps(self, tensor: torch.Tensor) -> bool:
         """Parameters and their views (also of parameters added after this was built), tensor
@@ -103,7 +99,7 @@ class ActivationOffload:
         base = tensor if tensor._base is None else tensor._base
         return (type(tensor) is not torch.Tensor or isinstance(base, nn.Parameter)
                 or tensor.device.type != self.device_type or not _dense(tensor)
-                or tensor.numel() * tensor.element_size() < self.min_bytes
+                or tensor.nbytes < self.min_bytes
                 or tensor.untyped_storage().data_ptr() in self.frozen)
 
     def _pack(self, tensor: torch.Tensor):
@@ -139,7 +135,7 @@ class ActivationOffload:
                 return
             if entry.on_device is None:
                 self._fetch(entry)
-            pending += entry.nbytes
+            pending += entry.host.nbytes
 
     def _fetch(self, entry: _Offloaded) -> None:
         on_device = torch.empty_strided(entry.host.shape, entry.host.stride(), dtype=entry.host.dtype,
