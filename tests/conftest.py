@@ -116,6 +116,15 @@ def compiled_blocks_output(model, inputs) -> torch.Tensor:
 
 
 @pytest.fixture
+def partitioned_compile(monkeypatch):
+    """Module.compile with the partitioner inductor uses (what compiled blocks keep and recompute for
+    backward), without inductor's slow CPU code generation."""
+    original = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: original(self, backend="aot_eager_decomp_partition"))
+
+
+@pytest.fixture
 def llama():
     return tiny_llama()
 

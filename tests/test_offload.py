@@ -38,10 +38,7 @@ def test_offloaded_step_gives_the_same_gradients_and_reads_everything_back():
     assert all(entry.read and entry.on_device is None for entry in offload.entries)  # no prefetch left over
 
 
-def test_compiled_checkpointed_blocks_offload_their_inputs(monkeypatch):
-    original = torch.nn.Module.compile  # the partitioner inductor uses, without inductor's slow CPU codegen
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: original(self, backend="aot_eager_decomp_partition"))
+def test_compiled_checkpointed_blocks_offload_their_inputs(partitioned_compile):
     runs = []
     for offloaded in (False, True):
         torch._dynamo.reset()

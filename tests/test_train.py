@@ -259,10 +259,7 @@ def _body_step(checkpointed: bool, compiled: bool):
     return saved, flops.get_total_flops(), grads
 
 
-def test_compiled_checkpointed_blocks_keep_only_inputs_and_recompute_only_what_backward_reads(monkeypatch):
-    original = torch.nn.Module.compile  # the partitioner inductor uses, without inductor's slow CPU codegen
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: original(self, backend="aot_eager_decomp_partition"))
+def test_compiled_checkpointed_blocks_keep_only_inputs_and_recompute_only_what_backward_reads(partitioned_compile):
     _, plain_flops, expected = _body_step(checkpointed=False, compiled=False)
     _, eager_flops, _ = _body_step(checkpointed=True, compiled=False)
     saved, compiled_flops, grads = _body_step(checkpointed=True, compiled=True)
@@ -276,10 +273,7 @@ def test_compiled_checkpointed_blocks_keep_only_inputs_and_recompute_only_what_b
     assert compiled_flops > plain_flops
 
 
-def test_compiled_checkpointed_training_equals_plain_training_and_hands_the_model_back(tmp_path, monkeypatch):
-    original = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda self, **kw: original(self, backend="aot_eager_decomp_partition"))
+def test_compiled_checkpointed_training_equals_plain_training_and_hands_the_model_back(tmp_path, partitioned_compile):
     trained = []
     for compiled in (False, True):
         torch.manual_seed(0)
