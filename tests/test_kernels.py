@@ -60,6 +60,28 @@ def compare_triton_chunk(device: str, block: int | None = None) -> None:
             assert torch.allclose(grad.float(), expected_grad.float(), atol=tolerance, rtol=0), case
 
 
+def compare_merged_weight(device: str, dtypes: tuple[str, ...], tile: int | None = None) -> None:
+    """kernels.merged_weight_triton against W + B A in fp32 rounded once, for ranks below, at and above tl.dot's
+    least inner size, tiles cut at the edges, and transposed (Conv1D-like) layouts."""
+    from peftlab.kernels import merged_weight_triton
+
+    if tile:
+        merged_weight_triton.TILE = tile
+    gen = torch.Generator().manual_seed(2)
+    edge = merged_weight_triton.TILE
+    for dtype in (getattr(torch, name) for name in dtypes):
+        for rows, columns, rank in [(2 * edge + 3, edge + 5, 4), (edge - 1, 3 * edge, 16), (edge + 1, edge, 80)]:
+            weight, b, a = (torch.randn(shape, generator=gen).to(device, dtype)
+                            for shape in [(rows, columns), (rows, rank), (rank, columns)])
+            expected = torch.addmm(weight.float(), b.float(), a.float()).to(dtype)
+            for layout in (lambda t: t, lambda t: t.T.contiguous().T):
+                merged = merged_weight_triton.merged_weight(layout(weight), b, layout(a))
+                assert merged.is_contiguous() and merged.dtype == dtype
+                # the kernel's fp32 sum may differ from the reference's in the last bit, then round the other way
+                ulp = torch.finfo(dtype).eps * expected.float().abs().clamp_min(1)
+                assert (merged.float() - expected.float()).abs().le(ulp).all(), (dtype, rows, columns, rank)
+
+
 def run_triton(check: str, on_gpu: dict, on_cpu: dict) -> None:
     """Call tests.test_kernels.<check> on CUDA in this process; else under Triton's CPU interpreter, which must
     be chosen before Triton is first imported, hence a child process. Skipped where Triton is not installed
@@ -77,3 +99,10 @@ def run_triton(check: str, on_gpu: dict, on_cpu: dict) -> None:
 
 def test_triton_chunk_matches_reference():
     run_triton("compare_triton_chunk", on_gpu={}, on_cpu={"block": 64})
+
+
+def test_triton_merged_weight_matches_reference():
+    # bf16 only on CUDA: the interpreter's bf16 products are wrong (numpy has no bf16); fp32 only on the CPU,
+    # where the product is exact (on CUDA fp32 weights keep cuBLAS, see kernels.merged_weight)
+    run_triton("compare_merged_weight", on_gpu={"dtypes": ("bfloat16", "float16")},
+               on_cpu={"dtypes": ("float32", "float16"), "tile": 32})

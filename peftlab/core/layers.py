@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peftlab.kernels.merged_weight import merged_weight
+
 try:  # transformers is a hard dependency, but keep the core importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -104,14 +106,14 @@ def dense_delta_products(folded: bool, backward: bool) -> int:
 
 
 def _folded_product(x, weight, bias, a, b):
-    return nn.functional.linear(x, torch.addmm(weight, b, a), bias)
+    return nn.functional.linear(x, merged_weight(weight, b, a), bias)
 
 
 def _folded_grads(grad, x, weight, a, b, needs_x: bool, needs_a: bool, needs_b: bool):
     """Gradients of x (W + B A)ᵀ + b for x, A and B: x's through the merged matrix (built again), A's and B's
     from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ)."""
     flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    grad_x = (grad @ torch.addmm(weight, b, a)) if needs_x else None
+    grad_x = (grad @ merged_weight(weight, b, a)) if needs_x else None
     grad_a = (flat_grad @ b).T @ flat_x if needs_a else None
     grad_b = flat_grad.T @ (flat_x @ a.T) if needs_b else None
     return grad_x, grad_a, grad_b
