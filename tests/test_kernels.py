@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from peftlab.kernels.cross_entropy import fused_linear_cross_entropy
 
@@ -31,6 +33,30 @@ def test_fused_linear_cross_entropy_matches_autograd(divisor, softcap):
     (got,) = torch.autograd.grad(fused * 0.7, hidden)
     assert torch.allclose(fused, reference, rtol=1e-9)
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+class _LogitsWatch(TorchFunctionMode):
+    """Counts, at each product of the head's width, the earlier ones' results still alive."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.made, self.most_alive = vocab, [], 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__") and result.shape[-1] == self.vocab:
+            self.most_alive = max(self.most_alive, sum(ref() is not None for ref in self.made))
+            self.made.append(weakref.ref(result))
+        return result
+
+
+def test_fused_cross_entropy_holds_one_chunk_of_logits():
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    watch = _LogitsWatch(vocab=50)
+    with watch:
+        fused_linear_cross_entropy(hidden, weight, torch.randint(0, 50, (40,)), chunk=8)
+    assert len(watch.made) == 5 and watch.most_alive == 0
 
 
 def compare_triton_chunk(device: str, block: int | None = None) -> None:

@@ -52,6 +52,17 @@ def _chunk_function(hidden: torch.Tensor):
     return chunk_loss_and_grad
 
 
+def _chunk_loss(hidden, weight, targets, loss_and_grad, divisor, softcap, grad_hidden: torch.Tensor | None):
+    """One chunk's summed loss; its hidden-state gradient, if asked, written into ``grad_hidden``. The chunk's
+    logits live only in this call: a loop variable would keep them until the next chunk's logits exist,
+    doubling the head's peak (2 GiB at 4096 tokens of a 128k vocabulary)."""
+    logits = hidden @ weight.T
+    part, grad = loss_and_grad(logits, targets, divisor, softcap, grad_hidden is not None)
+    if grad_hidden is not None:
+        torch.mm(grad.to(weight.dtype), weight, out=grad_hidden)
+    return part
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, divisor, softcap):
@@ -60,11 +71,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         loss_and_grad = _chunk_function(hidden)
         for start in range(0, hidden.shape[0], chunk):
-            logits = hidden[start:start + chunk] @ weight.T
-            part, grad = loss_and_grad(logits, targets[start:start + chunk], divisor, softcap, need_grad)
-            total += part
-            if need_grad:
-                grad_hidden[start:start + chunk] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            rows = slice(start, start + chunk)
+            total += _chunk_loss(hidden[rows], weight, targets[rows], loss_and_grad, divisor, softcap,
+                                 None if grad_hidden is None else grad_hidden[rows])
         ctx.save_for_backward(grad_hidden)
         return total
 
