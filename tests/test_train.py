@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.core.hf import forces_input_grads
 from peftlab.train import checkpoint
 from peftlab.train.data import (
     IGNORE,
@@ -124,6 +125,34 @@ def test_fused_loss_equals_the_models_own_loss():
         total, count = loss_fn(batch)
         reference = model(**batch).loss
     assert torch.allclose(total / count, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_loss_drops_the_embeddings_grad_hook_unless_checkpointing_is_reentrant(reentrant):
+    model = lora_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.arange(3, 19).view(2, 8)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    adapters = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(loss):  # .backward: reentrant checkpointing does not support autograd.grad
+        loss.backward()
+        grads = [p.grad for p in adapters]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    expected = gradients(model(**batch).loss)  # transformers' hook in place
+    embeddings_require_grad = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: embeddings_require_grad.append(
+        out.requires_grad))
+    with SupervisedLoss(model) as loss_fn:
+        total, count = loss_fn(batch)
+        got = gradients(total / count)
+    assert embeddings_require_grad == [reentrant]
+    assert forces_input_grads(model)  # handed back as it came
+    assert all(g is not None for g in expected)
+    for value, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(value, want)
 
 
 # -------------------------------------------------------------------------------------------- loop

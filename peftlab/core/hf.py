@@ -26,6 +26,24 @@ def repeated_blocks(body: nn.Module) -> list[nn.Module]:
     return list(blocks) if blocks is not None and len({type(b) for b in blocks}) == 1 else []
 
 
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers checkpoints a module of ``model`` with torch's reentrant checkpoint (also when
+    ``use_reentrant`` is not given: torch's default has been reentrant)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(function, "keywords", {}).get("use_reentrant", True):
+                return True
+    return False
+
+
+def forces_input_grads(model: nn.Module) -> bool:
+    """Whether transformers makes the input embeddings' output require grad (``enable_input_require_grads``,
+    which its gradient checkpointing turns on; kept under ``_require_grads_hooks``, in older releases
+    ``_require_grads_hook``)."""
+    return bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
+
+
 def forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(type(model).forward).parameters)
 
