@@ -1,5 +1,6 @@
-"""What is on the GPU at the peak of one peftlab training step: the live allocations made during the step,
-largest first, each with the innermost frames of peftlab, transformers or torch that made it.
+"""What is on the GPU at the peaks of one peftlab training step's forward (loss included) and backward (optimizer
+step included): the live allocations made during the step, largest first, each with the innermost frames of
+peftlab, transformers or torch that made it.
 
     python3 benchmarks/gpu/memory_peak.py llama-3.1-8b --batch 4 --seq 2048 --checkpointing --compile --offload
 """
@@ -15,6 +16,12 @@ import peftlab
 from peftlab.bench.speed import LORA, build_model
 from peftlab.train.loss import SupervisedLoss
 
+BACKWARD_MARK_BYTES = 3 << 20  # an allocation of this size, made by backward_mark(), separates the phases
+
+
+def backward_mark() -> torch.Tensor:
+    return torch.empty(BACKWARD_MARK_BYTES, dtype=torch.uint8, device="cuda")
+
 
 def step_trace(args) -> tuple[list[dict], float]:
     model, config = build_model(args.shape, args.checkpointing, torch.device("cuda"))
@@ -22,11 +29,16 @@ def step_trace(args) -> tuple[list[dict], float]:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     loss_fn = SupervisedLoss(model, compile_body=args.compile, offload_activations=args.offload)
+    if args.offload and args.prefetch_mib is not None:
+        loss_fn.offload.prefetch_bytes = args.prefetch_mib << 20
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
 
     def step():
         total, count = loss_fn(batch)
-        (total / count).backward()
+        loss = total / count
+        del total
+        backward_mark()
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -42,19 +54,26 @@ def step_trace(args) -> tuple[list[dict], float]:
     return trace, before
 
 
-def peak_allocations(trace: list[dict]) -> tuple[int, int, dict]:
-    """(bytes above the step's start at the peak, event index, live allocations there)."""
-    live, current, peak, at, at_peak = {}, 0, 0, 0, {}
+def phase_peaks(trace: list[dict]) -> dict[str, tuple[int, int, dict]]:
+    """For forward and backward: (bytes above the step's start at the phase's peak, event index, live
+    allocations there)."""
+    live, current, phase, peaks = {}, 0, "forward", {}
     for index, event in enumerate(trace):
         if event["action"] == "alloc":
+            if phase == "forward" and event["size"] == BACKWARD_MARK_BYTES and marked(event):
+                phase = "backward"
             live[event["addr"]] = event
             current += event["size"]
-            if current > peak:
-                peak, at, at_peak = current, index, dict(live)
+            if current > peaks.get(phase, (-1,))[0]:
+                peaks[phase] = (current, index, dict(live))
         elif event["action"] == "free_requested":
             current -= event["size"]
             live.pop(event["addr"], None)
-    return peak, at, at_peak
+    return peaks
+
+
+def marked(event: dict) -> bool:
+    return any(frame["name"] == backward_mark.__name__ for frame in event.get("frames", []))
 
 
 def where(event: dict, depth: int) -> str:
@@ -74,13 +93,15 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--prefetch-mib", type=int, help="offload: what backward brings back ahead")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     trace, before = step_trace(args)
-    peak, at, live = peak_allocations(trace)
-    print(f"start of step {before:.3f} GiB; peak +{peak / 2**30:.3f} GiB at event {at} of {len(trace)}")
-    for event in sorted(live.values(), key=lambda e: -e["size"])[:args.rows]:
-        print(f"{event['size'] / 2**20:9.1f} MiB  {where(event, 4)}")
+    print(f"start of step {before:.3f} GiB, {len(trace)} events")
+    for phase, (peak, at, live) in phase_peaks(trace).items():
+        print(f"{phase} peak +{peak / 2**30:.3f} GiB at event {at}")
+        for event in sorted(live.values(), key=lambda e: -e["size"])[:args.rows]:
+            print(f"{event['size'] / 2**20:9.1f} MiB  {where(event, 4)}")
 
 
 if __name__ == "__main__":
