@@ -71,7 +71,7 @@ class ActivationOffload:
         """``min_bytes``: smaller saved tensors stay where they are (rotary tables, LoRA products:
         not worth a transfer). ``prefetch_bytes``: how much backward may bring back ahead of use (one
         entry even if larger; 0: none). One block's backward outlasts the transfer of the next block's
-        input (8B Llama, 4 x 2048: 64 MiB, about 3 ms over PCIe against some 20 ms of compute), so one
+        input (8B Llama, 4 x 2048: 64 MiB, about 3 ms over PCIe against some 15 ms of compute), so one
         ahead keeps the transfers hidden; each further one adds its size to the backward peak.
         ``device_type``: the device whose tensors are offloaded; "cpu" exercises the bookkeeping
         (copies to host buffers, synchronously) where there is no GPU, as the tests do."""
