@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Check and time peftlab's Triton kernels on one GPU (results under $OUT): `BASE=<commit dir> bash benchmarks/gpu/kernels_session.sh`.
-# 1. the kernels' tests on CUDA; 2. the kernel probe; 3. LoRA 1B beside PEFT; 4. peftlab alone at the code
-# under $BASE (a directory holding another commit's peftlab/, e.g. from `git archive`), run from that
-# directory so that its peftlab/ comes first on sys.path, then the current code again.
+# 1. the kernels' tests on CUDA; 2. the kernel probe; 3. LoRA 1B beside PEFT; 4. with $BASE (a directory
+# holding another commit's peftlab/), peftlab alone at both codes (benchmarks/gpu/ab_session.sh).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-benchmarks/results}
@@ -13,9 +12,4 @@ PYTHONPATH=$ROOT timeout 120 python3 -m pytest tests/test_kernels.py -q -p no:ra
 PYTHONPATH=$ROOT timeout 120 python3 benchmarks/gpu/kernels_probe.py 8192:16 2>&1 | quiet | tee "$OUT/kernels-probe.txt"
 LORA="--shapes llama-3.2-1b --methods lora --compile --warmup 5 --steps 40"
 PYTHONPATH=$ROOT timeout 150 python3 -m peftlab.bench.speed $LORA --output "$OUT/speed-1b" 2>&1 | grep '"tok_s"'
-if [ -n "${BASE:-}" ]; then
-  (cd "$BASE" && PYTHONPATH=$BASE timeout 100 python3 -m peftlab.bench.speed $LORA --impl peftlab \
-    --output "$OUT/ab-base" 2>&1 | grep '"tok_s"')
-  PYTHONPATH=$ROOT timeout 100 python3 -m peftlab.bench.speed $LORA --impl peftlab --output "$OUT/ab-current" 2>&1 \
-    | grep '"tok_s"'
-fi
+if [ -n "${BASE:-}" ]; then bash "$ROOT/benchmarks/gpu/ab_session.sh"; fi
