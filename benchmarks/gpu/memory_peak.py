@@ -35,10 +35,8 @@ def step_trace(args) -> tuple[list[dict], float]:
 
     def step():
         total, count = loss_fn(batch)
-        loss = total / count
-        del total
         backward_mark()
-        loss.backward()
+        (total / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
