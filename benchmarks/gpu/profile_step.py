@@ -4,17 +4,23 @@ Times the same steps as peftlab.bench.speed (blocks compiled unless --eager), th
 prints the step's wall time beside the GPU's busy time; the kernel time per step split into products
 (GEMMs), attention, compiled (Triton) kernels and the rest; the products' time split into low-rank ones
 (a dimension <= --rank-max) and those of the model's own size; and the longest kernels, products and
-copies (the last two with their input shapes).
+copies (the last two with their input shapes); and where the GPU sat idle: its gaps summed by the step's
+phase (forward with the loss, backward, optimizer) and by the operator that launched the kernel ending each gap,
+i.e. what the CPU was doing while the GPU waited.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import json
+import tempfile
 import time
+from collections import defaultdict
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import peftlab
 from peftlab.bench.speed import OPTIONS, build_model, time_steps
@@ -22,6 +28,8 @@ from peftlab.methods import lora
 from peftlab.train.loss import SupervisedLoss
 
 COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::index", "aten::index_put_")
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+PHASES = ("forward", "backward", "optimizer")
 PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
 
 
@@ -78,12 +86,11 @@ def main() -> None:
     seconds, peak = time_steps(step, params, 3, 6)
     print(f"{args.shape} {args.method}: {args.batch * args.seq / seconds:,.0f} tok/s, {seconds * 1e3:.1f} ms/step, "
           f"peak {peak:.2f} GiB", flush=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(2):
-            step()
-            for p in params:
-                p.grad = None
+            phased_step(loss_fn, batch, optimizer)
         torch.cuda.synchronize()
         profiled_ms = (time.perf_counter() - start) / 2 * 1e3
     events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if gpu_us(e) > 0),
@@ -99,6 +106,75 @@ def main() -> None:
         for e in rows[:args.rows]:
             shapes = str([s for s in e.input_shapes if s])[:80]
             print(f"{gpu_us(e) / 2e3:8.2f} ms {e.count // 2:5d}x  {e.key[:70]:70s} {shapes}")
+    print_gaps(prof, args.rows)
+
+
+def phased_step(loss_fn, batch, optimizer) -> None:
+    """One training step, its phases marked for the gap report."""
+    with record_function("forward"):
+        total, count = loss_fn(batch)
+    with record_function("backward"):
+        (total / count).backward()
+    with record_function("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def print_gaps(prof, rows: int) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as file:
+        prof.export_chrome_trace(file.name)
+        trace = json.load(open(file.name))
+    gaps = idle_gaps(trace)
+    print(f"-- GPU idle: {sum(g for g, _, _ in gaps) / 2e3:.1f} ms per step in {len(gaps) // 2} gaps over 5 us")
+    for title, key in (("by phase", 1), ("by launching operator", 2)):
+        totals, counts = defaultdict(float), defaultdict(int)
+        for gap in gaps:
+            totals[gap[key]] += gap[0]
+            counts[gap[key]] += 1
+        print(f"-- idle {title} (ms per step, gaps per step)")
+        for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:rows]:
+            print(f"{us / 2e3:8.2f} ms {counts[name] // 2:5d}x  {name[:90]}")
+
+
+def idle_gaps(trace: dict, min_us: float = 5.0) -> list[tuple[float, str, str]]:
+    """The GPU's idle gaps in a chrome trace as (µs, phase, operator): the phase and the innermost CPU operator
+    at the launch of the kernel that ended the gap."""
+    events = trace["traceEvents"]
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    by_thread = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            by_thread[e["tid"]].append(e)
+    ops = {tid: ([e["ts"] for e in sorted_ops], sorted_ops)
+           for tid, sorted_ops in ((tid, sorted(found, key=lambda e: e["ts"])) for tid, found in by_thread.items())}
+    phases = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") in PHASES]
+    gaps, busy_until = [], None
+    for kernel in gpu:
+        if busy_until is not None and kernel["ts"] - busy_until > min_us:
+            launch = launches.get(kernel.get("args", {}).get("correlation"))
+            gaps.append((kernel["ts"] - busy_until, enclosing_phase(phases, launch), innermost_op(ops, launch)))
+        end = kernel["ts"] + kernel["dur"]
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
+def enclosing_phase(phases, launch) -> str:
+    if launch is None:
+        return "(launch not traced)"
+    return next((p["name"] for p in phases if p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]), "(between phases)")
+
+
+def innermost_op(ops, launch, depth: int = 3) -> str:
+    """The innermost ``depth`` operators on the launching thread that span the launch, innermost first."""
+    if launch is None:
+        return "(launch not traced)"
+    starts, thread_ops = ops.get(launch["tid"], ([], []))
+    index = bisect.bisect_right(starts, launch["ts"])
+    spanning = [op["name"] for op in reversed(thread_ops[max(0, index - 256):index])
+                if op["ts"] + op["dur"] >= launch["ts"]]
+    return " < ".join(spanning[:depth]) or "(no operator)"
 
 
 def print_split(title: str, events, classify) -> None:

@@ -376,7 +376,7 @@ class Trainer:
         """
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         [total_tokens] = self.dist.sum([local_tokens])
-        step_loss, non_finite = 0.0, 0
+        losses, finite = [], []
         for batch in batches:
             with self._context(batch) as inputs:
                 loss_sum, _ = loss_fn(inputs)
@@ -384,11 +384,12 @@ class Trainer:
                 for term in (api.regularization(self.model), self.extra_loss and self.extra_loss(self.model)):
                     if term is not None:
                         loss = loss + term / self.micro_per_step
-            non_finite += not bool(torch.isfinite(loss))
+            finite.append(torch.isfinite(loss.detach()))
             with self._tasks(batch):  # checkpointed blocks rerun their forward in backward
                 loss.backward()
-            step_loss += loss_sum.item() / total_tokens
-        step_loss, non_finite = self.dist.sum([step_loss, non_finite])
+            losses.append(loss_sum.detach().float() / total_tokens)
+        # Read on the host once per step: a read per micro-batch would leave the GPU idle at each one.
+        step_loss, non_finite = self.dist.sum([torch.stack(losses).sum().item(), int((~torch.stack(finite)).sum())])
         if non_finite:
             raise TrainingError(self._non_finite("loss", step))
         return step_loss

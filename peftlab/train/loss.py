@@ -75,20 +75,21 @@ class SupervisedLoss:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of supervised tokens) for one micro-batch."""
-        labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        targets = labels[:, 1:]
+        targets = batch["labels"][:, 1:]
         selected = targets != IGNORE
-        count = int(selected.sum())
+        count = HostCount(selected)
         if not self.fused or self.head.weight.requires_grad:
             with self._saving():
                 logits = self.model(**inputs, use_cache=False).logits[:, :-1]
-            return F.cross_entropy(logits[selected].float(), targets[selected], reduction="sum"), count
+            logits, targets = supervised_rows(logits, targets, selected, count.value())
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), count.value()
         with self._saving():
             hidden = self.body(**inputs, use_cache=False).last_hidden_state[:, :-1]
-        total = fused_linear_cross_entropy(hidden[selected], self.head.weight, targets[selected],
-                                           chunk=self.chunk_tokens, divisor=self.logit_divisor, softcap=self.softcap)
-        return total, count
+        hidden, targets = supervised_rows(hidden, targets, selected, count.value())
+        total = fused_linear_cross_entropy(hidden, self.head.weight, targets, chunk=self.chunk_tokens,
+                                           divisor=self.logit_divisor, softcap=self.softcap)
+        return total, count.value()
 
     def _saving(self):
         return self.offload if self.offload is not None else contextlib.nullcontext()
@@ -109,6 +110,38 @@ class SupervisedLoss:
             self.model.train(was_training)
         self.fused = bool(torch.allclose(ours, reference, rtol=2e-3, atol=1e-3 * max(count, 1)))
         return self.fused
+
+
+class HostCount:
+    """The number of True entries of a mask, copied to the host behind the GPU's queue: asked for after the
+    body's forward has been queued, it is long there, where ``int(mask.sum())`` at the start of the step
+    would make the host wait for the GPU to drain, leaving the GPU idle while the forward is launched."""
+
+    def __init__(self, mask: torch.Tensor):
+        total = mask.sum()
+        self.event = None
+        if total.is_cuda:
+            self.host = torch.empty((), dtype=total.dtype, pin_memory=True).copy_(total, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = total
+
+    def value(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host)
+
+
+def supervised_rows(values: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+                    count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (batch, position) rows of ``values`` and ``targets`` where ``selected``, given their ``count``: boolean
+    indexing would make the host wait for the GPU to learn the size."""
+    values, targets = values.flatten(0, 1), targets.flatten()
+    if count == targets.numel():
+        return values, targets
+    index = torch.nonzero_static(selected.flatten(), size=count).squeeze(1)
+    return values.index_select(0, index), targets.index_select(0, index)
 
 
 def _offload(model: nn.Module) -> ActivationOffload:
