@@ -16,7 +16,12 @@ The gathered cosine rows are evaluated from the formula (angles reduced exactly 
 kept until the locations move, so nothing of size out x out or in x in is stored (n·(in + out) values
 in the activations' dtype are). The sum with the base output is fused into the last GEMM.
 ``forward="auto"`` switches to the dense ΔW (built as (C_out[r]ᵀ · α a) C_in[c]) when
-tokens·n·(in+out) > n·in·out + tokens·in·out.
+tokens·n·(in+out) > n·in·out + tokens·in·out. Alone on a plain frozen layer, without dropout, "auto"
+folds instead: ΔW is the rank-n product B A with A = C_in[c] and B = C_out[r]ᵀ·diag(α a), so the layer
+runs as its one product (W + B A) x + b (core.layers.folded_low_rank). Building W + B A costs n·in·out
+multiply-adds, in forward and again in backward; the factored form costs tokens·n·(in + out) in each,
+so the fold pays from tokens > 2·in·out / (in + out), the fold's own threshold (``folds_low_rank``).
+Backward then gets the coefficients' gradient through B's, gᵀ (x Aᵀ), and x's through the merged matrix.
 
 Locations. Each location is kept, as in the official code, as a continuous pair l ∈ [0, 1]² (persistent
 buffer ``locations``, so a trained adapter's locations save and load), used as
@@ -74,6 +79,8 @@ import torch
 from torch import nn
 
 from peftlab.core.errors import ConfigError
+from peftlab.core.inject import folds_into
+from peftlab.core.layers import folded_low_rank, folds_low_rank
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -215,19 +222,27 @@ class LoCAAdapter(LayerAdapter):
             self.__dict__["_bases_cache"] = cache
         return cache[1]
 
+    def folds(self, layer, x) -> bool:
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        return self.forward_mode == "auto" and not dropping and folds_into(layer) and folds_low_rank(layer, x)
+
     def forward(self, layer, x, base):
-        """base(x) + ΔW x, the sum fused into the last GEMM (addmm)."""
-        result = base(x)
+        """(W + ΔW) x + b as the layer's one product when it folds (see the module's docstring), else
+        base(x) + ΔW x with the sum fused into the last GEMM (addmm)."""
         h = self.dropout(x)
         a_rows, b_rows, rows, cols = self.cached_bases(h.dtype, h.device)
         coef = (self.spectrum * self.scale).to(h.dtype)
-        flat = h.reshape(-1, self.fan_in)
-        out = result.reshape(flat.shape[0], self.fan_out)
-        if self.use_dense(flat.shape[0]):
-            y = torch.addmm(out, flat, ((b_rows.T * coef) @ a_rows).T)
+        if self.folds(layer, x):
+            y = folded_low_rank(layer, x, a_rows, b_rows.T * coef, 1.0)
         else:
-            y = torch.addmm(out, nn.functional.linear(flat, a_rows) * coef, b_rows)
-        y = y.view(result.shape)
+            result = base(x)
+            flat = h.reshape(-1, self.fan_in)
+            out = result.reshape(flat.shape[0], self.fan_out)
+            if self.use_dense(flat.shape[0]):
+                y = torch.addmm(out, flat, ((b_rows.T * coef) @ a_rows).T)
+            else:
+                y = torch.addmm(out, nn.functional.linear(flat, a_rows) * coef, b_rows)
+            y = y.view(result.shape)
         if self.training and self.learning_locations and y.requires_grad:  # ∂L/∂y is ∂L/∂(ΔW x)
             saved_x, saved_coef = h.detach(), self.spectrum.detach().clone()
             y.register_hook(lambda g: self.accumulate_location_grad(g, saved_x, saved_coef, rows, cols))
@@ -256,7 +271,8 @@ class LoCA(LayerMethod):
     location_steps: int | None = config_field(None, "B_s in optimizer steps (overrides location_fraction)")
     coefficient_phase: int = config_field(10, "B_a: steps per cycle that train the coefficients")
     location_phase: int = config_field(20, "B_l: steps per cycle that train the locations")
-    forward: str = config_field("auto", "auto | factored (rank-n on activations) | dense (build ΔW)")
+    forward: str = config_field("auto", "auto (fold into the layer's product where it pays, else the cheaper of the "
+                                        "two others) | factored (rank-n on activations) | dense (build ΔW)")
 
     def validate(self) -> None:
         check_positive_ints(self, "n_frequency")

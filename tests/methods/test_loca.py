@@ -12,7 +12,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.method import TrainingStep
 from peftlab.methods.loca import dct_matrix, dct_rows
 
-from ..conftest import make_inputs, tiny_llama
+from ..conftest import assert_same_function, made_by_fold, make_inputs, tiny_llama
 
 CASES = {"loca": {"n_frequency": 64}}
 VARIANTS = [
@@ -73,14 +73,40 @@ def test_auto_forward_picks_the_cheaper_computation():
     assert not adapter.use_dense(1) and adapter.use_dense(1000)
 
 
-def test_location_gradient_is_the_official_finite_difference():
+@pytest.mark.parametrize("tokens, mode, folds", [((4, 8), "auto", True), ((2, 4), "auto", False),
+                                                 ((4, 8), "factored", False), ((4, 8), "dense", False)])
+def test_auto_folds_into_the_layers_product_where_it_pays(tokens, mode, folds):
+    """Alone on a plain layer, without dropout and from 2·in·out / (in + out) tokens (19.2 here), "auto" runs
+    (W + ΔW) x + b as one product; output and gradients (input, coefficients) are the dense iDCT's."""
+    gen = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, dtype=torch.float64))
+    peftlab.adapt(model, "loca", n_frequency=12, scale=1.5, forward=mode, targets=["0"]).double().train()
+    layer, adapter = adapters_of(model)[0]
+    with torch.no_grad():
+        adapter.spectrum.copy_(torch.randn(12, generator=gen, dtype=torch.float64))
+    spectrum = adapter.spectrum.detach().clone().requires_grad_()
+    rows, cols = adapter.indices()
+    sparse = torch.zeros(24, 16, dtype=torch.float64).index_put((rows, cols), spectrum, accumulate=True)
+    delta = 1.5 * dct_matrix(24).T @ sparse @ dct_matrix(16)
+    x = torch.randn(*tokens, 16, generator=gen, dtype=torch.float64)
+    x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = torch.nn.functional.linear(x_ref, layer.weight + delta, layer.bias)
+    out = model(x_got)
+    assert made_by_fold(out) == folds
+    assert_same_function(out, expected, ((x_got, x_ref), (adapter.spectrum, spectrum)), gen)
+
+
+@pytest.mark.parametrize("tokens", [(2, 7), (4, 16)])  # 14: factored; 64 >= 2·32·32 / 64: folded
+def test_location_gradient_is_the_official_finite_difference(tokens):
     model = perturbed_llama()
     layer, adapter = adapters_of(model)[3]  # o_proj
     adapter.train()
     adapter.on_step(TrainingStep(step=10, total_steps=300, lr=1e-3, peak_lr=1e-3))  # a location step
     assert adapter.learning_locations
-    x = torch.randn(2, 7, adapter.fan_in)
-    target = torch.randn(2, 7, adapter.fan_out)
+    x = torch.randn(*tokens, adapter.fan_in)
+    target = torch.randn(*tokens, adapter.fan_out)
+    assert made_by_fold(layer(x)) == (tokens == (4, 16))
+    adapter.location_grad.zero_()
     (layer(x) - target).pow(2).sum().backward()
     # the official backward: K = DCT2(∂L/∂iDCT(S)); grad = clamp(½ a (K[+1] − K[−1]), ±1)·(dim − 1)
     rows, cols = adapter.indices()
