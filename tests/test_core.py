@@ -9,6 +9,7 @@ import torch
 
 import peftlab
 from peftlab.core.files import CONFIG_FILE, WEIGHTS_FILE
+from peftlab.core.layers import add_product
 
 from .conftest import VOCAB, make_inputs, output_of, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -292,3 +293,21 @@ def test_integer_options_must_be_positive_integers(method, option, value):
 
     with pytest.raises(peftlab.ConfigError, match=f"{method}: {option} must be a positive integer, got {value!r}"):
         make_config(method, {option: value})
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_add_product_is_out_plus_scaled_product_with_its_gradients(rank):
+    """One addmm, or for rank one the outer product with its matrix-vector backward: same values either way."""
+    gen = torch.Generator().manual_seed(2)
+    out, x, weight = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                      for shape in ((2, 5, 7), (2, 5, rank), (7, rank)))
+    refs = [t.detach().clone().requires_grad_() for t in (out, x, weight)]
+    got = add_product(out, x, weight, scale=0.3)
+    assert type(got.grad_fn.next_functions[0][0]).__name__.startswith("_AddOuter") == (rank == 1)
+    expected = refs[0] + 0.3 * refs[1] @ refs[2].T
+    probe = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    got.backward(probe)
+    expected.backward(probe)
+    assert got.shape == (2, 5, 7) and torch.allclose(got, expected, atol=1e-12)
+    for leaf, ref in zip((out, x, weight), refs, strict=True):
+        assert torch.allclose(leaf.grad, ref.grad, atol=1e-12)
