@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab.kernels.merged_weight import merged_weight
+from peftlab.kernels.merged_weight import merged_weight, merged_weight_direct
 
 try:  # transformers is a hard dependency, but keep the core importable without it
     from transformers.pytorch_utils import Conv1D
@@ -131,7 +131,9 @@ def dense_delta_products(folded: bool, backward: bool) -> int:
 
 
 def _folded_product(x, weight, bias, a, b):
-    return nn.functional.linear(x, merged_weight(weight, b, a), bias)
+    """Run eagerly only (the autograd function, the opaque operator), so the merged weight skips its
+    operator's dispatch; backward's formula is traced under compile and keeps the operator."""
+    return nn.functional.linear(x, merged_weight_direct(weight, b, a), bias)
 
 
 def _folded_grads(grad, x, weight, a, b, needs_x: bool, needs_a: bool, needs_b: bool):
