@@ -124,6 +124,17 @@ def apply_dense_delta(layer: nn.Module, x: torch.Tensor, base, delta: torch.Tens
     return add_product(base(x), x if adapter_input is None else adapter_input, delta, scale)
 
 
+def apply_factored_delta(layer: nn.Module, x: torch.Tensor, base, left: torch.Tensor, right: torch.Tensor, *,
+                         folded: bool, scale: float = 1.0, adapter_input: torch.Tensor | None = None) -> torch.Tensor:
+    """``apply_dense_delta`` for ΔW = left · right given as its factors. Folded, W + s·left·right is one addmm:
+    no pass adding ΔW to W in forward, and backward scales the factors' gradients, not the weight-sized one."""
+    if folded:
+        weight = weight_matrix(layer)
+        merged = torch.addmm(weight, left.to(weight.dtype), right.to(weight.dtype), alpha=scale)
+        return linear(x, merged, layer.bias)
+    return apply_dense_delta(layer, x, base, left @ right, folded=False, scale=scale, adapter_input=adapter_input)
+
+
 def dense_delta_products(folded: bool, backward: bool) -> int:
     """Products of the layer's size (tokens·in·out multiply-adds) a dense ΔW adds to one call: ΔW x, its input
     gradient and ΔW's gradient; folded into W's own product, only ΔW's gradient is extra."""

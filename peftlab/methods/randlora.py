@@ -69,7 +69,7 @@ from torch import nn
 
 from peftlab.core.errors import ConfigError
 from peftlab.core.inject import folds_into
-from peftlab.core.layers import add_product, apply_dense_delta, dense_delta_products, features, is_linear, linear
+from peftlab.core.layers import add_product, apply_factored_delta, dense_delta_products, features, is_linear, linear
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
 
@@ -171,18 +171,23 @@ class RandLoRAAdapter(LayerAdapter):
         factored = tokens * self.k * ((1 + backward) * (big + small) + backward * small)
         return dense < factored
 
-    def dense_delta(self, dtype) -> torch.Tensor:
-        """ΔW without s (applied where it costs no extra pass)."""
+    def delta_factors(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) with ΔW = left · right (out x in), without s."""
         scaled, b = self.factors(dtype)
-        return b @ scaled if self.min_dim == self.fan_in else scaled.T @ b.T
+        return (b, scaled) if self.min_dim == self.fan_in else (scaled.T, b.T)
+
+    def dense_delta(self, dtype) -> torch.Tensor:
+        """ΔW without s."""
+        left, right = self.delta_factors(dtype)
+        return left @ right
 
     def forward(self, layer, x, base):
         dropped = self.training and isinstance(self.dropout, nn.Dropout)  # then ΔW sees another input than W
         folded = not dropped and folds_into(layer)
         h = self.dropout(x)
         if self.use_dense(h.numel() // self.fan_in, folded):
-            return apply_dense_delta(layer, x, base, self.dense_delta(h.dtype), folded=folded, scale=self.scale,
-                                     adapter_input=h)
+            return apply_factored_delta(layer, x, base, *self.delta_factors(h.dtype), folded=folded, scale=self.scale,
+                                        adapter_input=h)
         scaled, b = self.factors(h.dtype)
         if self.min_dim == self.fan_in:  # s (x Âᵀ) B_flatᵀ
             return add_product(base(x), linear(h, scaled), b, self.scale)
