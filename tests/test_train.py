@@ -115,10 +115,12 @@ def test_packed_batches_give_the_unpacked_loss():
     assert n_plain == n_packed and torch.allclose(plain, packed, atol=1e-4)
 
 
-def test_fused_loss_equals_the_models_own_loss():
-    model, tokenizer = tiny_llama(), char_tokenizer()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the count's copy behind the GPU's queue needs CUDA"))])
+def test_fused_loss_equals_the_models_own_loss(device):
+    model, tokenizer = tiny_llama().to(device), char_tokenizer()
     sequences = tokenize([Example("ab\n", "cde", None, 0), Example("x\n", "yz", None, 1)], tokenizer, cutoff_len=32)
-    batch = collate(sequences, 0)
+    batch = {k: v.to(device) for k, v in collate(sequences, 0).items()}
     loss_fn = SupervisedLoss(model, chunk_tokens=2)
     assert loss_fn.fused and loss_fn.verify(batch)
     with torch.no_grad():

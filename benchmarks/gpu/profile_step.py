@@ -6,7 +6,7 @@ prints the step's wall time beside the GPU's busy time; the kernel time per step
 (a dimension <= --rank-max) and those of the model's own size; and the longest kernels, products and
 copies (the last two with their input shapes); and where the GPU sat idle: its gaps summed by the step's
 phase (forward with the loss, backward, optimizer) and by the operator that launched the kernel ending each gap,
-i.e. what the CPU was doing while the GPU waited.
+i.e. what the CPU was doing while the GPU waited; and which operators launched the memory copies and fills.
 """
 
 from __future__ import annotations
@@ -124,57 +124,72 @@ def print_gaps(prof, rows: int) -> None:
     with tempfile.NamedTemporaryFile(suffix=".json") as file:
         prof.export_chrome_trace(file.name)
         trace = json.load(open(file.name))
-    gaps = idle_gaps(trace)
+    timeline = Timeline(trace)
+    gaps = timeline.idle_gaps()
     print(f"-- GPU idle: {sum(g for g, _, _ in gaps) / 2e3:.1f} ms per step in {len(gaps) // 2} gaps over 5 us")
-    for title, key in (("by phase", 1), ("by launching operator", 2)):
-        totals, counts = defaultdict(float), defaultdict(int)
-        for gap in gaps:
-            totals[gap[key]] += gap[0]
-            counts[gap[key]] += 1
-        print(f"-- idle {title} (ms per step, gaps per step)")
-        for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:rows]:
-            print(f"{us / 2e3:8.2f} ms {counts[name] // 2:5d}x  {name[:90]}")
+    print_totals("idle by phase", [(g, phase) for g, phase, _ in gaps], rows)
+    print_totals("idle by launching operators", [(g, op) for g, _, op in gaps], rows)
+    print_totals("memory copies and fills by launching operators",
+                 [(e["dur"], timeline.launching_ops(e)) for e in timeline.gpu if e.get("cat") != "kernel"], rows)
 
 
-def idle_gaps(trace: dict, min_us: float = 5.0) -> list[tuple[float, str, str]]:
-    """The GPU's idle gaps in a chrome trace as (µs, phase, operator): the phase and the innermost CPU operator
-    at the launch of the kernel that ended the gap."""
-    events = trace["traceEvents"]
-    gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e), key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    by_thread = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "cpu_op" and "dur" in e:
-            by_thread[e["tid"]].append(e)
-    ops = {tid: ([e["ts"] for e in sorted_ops], sorted_ops)
-           for tid, sorted_ops in ((tid, sorted(found, key=lambda e: e["ts"])) for tid, found in by_thread.items())}
-    phases = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") in PHASES]
-    gaps, busy_until = [], None
-    for kernel in gpu:
-        if busy_until is not None and kernel["ts"] - busy_until > min_us:
-            launch = launches.get(kernel.get("args", {}).get("correlation"))
-            gaps.append((kernel["ts"] - busy_until, enclosing_phase(phases, launch), innermost_op(ops, launch)))
-        end = kernel["ts"] + kernel["dur"]
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return gaps
+def print_totals(title: str, items: list[tuple[float, str]], rows: int) -> None:
+    totals, counts = defaultdict(float), defaultdict(int)
+    for us, name in items:
+        totals[name] += us
+        counts[name] += 1
+    print(f"-- {title} (ms per step, times per step)")
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:rows]:
+        print(f"{us / 2e3:8.2f} ms {counts[name] // 2:5d}x  {name[:100]}")
 
 
-def enclosing_phase(phases, launch) -> str:
-    if launch is None:
-        return "(launch not traced)"
-    return next((p["name"] for p in phases if p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]), "(between phases)")
+class Timeline:
+    """A chrome trace's GPU events in time order, each traceable to the CPU operators that launched it."""
 
+    def __init__(self, trace: dict):
+        events = trace["traceEvents"]
+        self.gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES and "dur" in e), key=lambda e: e["ts"])
+        self.launches = {e["args"]["correlation"]: e for e in events
+                         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        by_thread = defaultdict(list)
+        for e in events:
+            if e.get("cat") == "cpu_op" and "dur" in e:
+                by_thread[e["tid"]].append(e)
+        self.ops = {tid: ([e["ts"] for e in found], found)
+                    for tid, found in ((tid, sorted(found, key=lambda e: e["ts"])) for tid, found in by_thread.items())}
+        self.phases = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") in PHASES]
 
-def innermost_op(ops, launch, depth: int = 3) -> str:
-    """The innermost ``depth`` operators on the launching thread that span the launch, innermost first."""
-    if launch is None:
-        return "(launch not traced)"
-    starts, thread_ops = ops.get(launch["tid"], ([], []))
-    index = bisect.bisect_right(starts, launch["ts"])
-    spanning = [op["name"] for op in reversed(thread_ops[max(0, index - 256):index])
-                if op["ts"] + op["dur"] >= launch["ts"]]
-    return " < ".join(spanning[:depth]) or "(no operator)"
+    def idle_gaps(self, min_us: float = 5.0) -> list[tuple[float, str, str]]:
+        """The GPU's idle gaps as (µs, phase, operators): the phase and the innermost CPU operators at the launch
+        of the kernel that ended the gap."""
+        gaps, busy_until = [], None
+        for event in self.gpu:
+            if busy_until is not None and event["ts"] - busy_until > min_us:
+                gaps.append((event["ts"] - busy_until, self.launching_phase(event), self.launching_ops(event)))
+            end = event["ts"] + event["dur"]
+            busy_until = end if busy_until is None else max(busy_until, end)
+        return gaps
+
+    def launch(self, event) -> dict | None:
+        return self.launches.get(event.get("args", {}).get("correlation"))
+
+    def launching_phase(self, event) -> str:
+        launch = self.launch(event)
+        if launch is None:
+            return "(launch not traced)"
+        return next((p["name"] for p in self.phases if p["ts"] <= launch["ts"] <= p["ts"] + p["dur"]),
+                    "(between phases)")
+
+    def launching_ops(self, event, depth: int = 3) -> str:
+        """The innermost ``depth`` operators on the launching thread that span the launch, innermost first."""
+        launch = self.launch(event)
+        if launch is None:
+            return "(launch not traced)"
+        starts, thread_ops = self.ops.get(launch["tid"], ([], []))
+        index = bisect.bisect_right(starts, launch["ts"])
+        spanning = [op["name"] for op in reversed(thread_ops[max(0, index - 256):index])
+                    if op["ts"] + op["dur"] >= launch["ts"]]
+        return " < ".join(spanning[:depth]) or "(no operator)"
 
 
 def print_split(title: str, events, classify) -> None:

@@ -77,7 +77,9 @@ def add_product(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale:
     product (x one column wide) is an outer product instead (``_AddOuter``)."""
     flat_out, flat_x, weight = out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), weight.to(x.dtype)
     if flat_x.shape[-1] == 1 and flat_out.dtype == flat_x.dtype:
-        return _AddOuter.apply(flat_out, flat_x, weight, scale).view(out.shape)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (flat_out, flat_x, weight)):
+            return _AddOuter.apply(flat_out, flat_x, weight, scale).view(out.shape)
+        return torch.addcmul(flat_out, flat_x, weight.T, value=scale).view(out.shape)
     return torch.addmm(flat_out, flat_x, weight.T, alpha=scale).view(out.shape)
 
 

@@ -253,7 +253,7 @@ def folded_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
                   operands: list[torch.Tensor], row_factors: list[torch.Tensor]) -> torch.Tensor:
     """W0 T + s·B A from the operands of T's mode products on W0's rows (``kron_operands``)."""
     last = kron_modes(row_factors, weight.shape[0])[-1]
-    return torch.addmm(kron_mode(row_factors[-1], operands[-1], last).view(weight.shape), b, a, alpha=scale)
+    return add_product(kron_mode(row_factors[-1], operands[-1], last).view(weight.shape), b, a.T, scale)
 
 
 class FoldedKron(torch.autograd.Function):
