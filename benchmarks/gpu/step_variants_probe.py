@@ -1,7 +1,13 @@
-"""Probe: peftlab LoRA on the 1B shape with its blocks compiled as usual, then as CUDA graphs
-(torch.compile mode "reduce-overhead"), which launch a block's kernels at once instead of one by one from
-the host. One line per variant: tokens/s and peak memory; the graphs' line says whether the host's
-launching, not the GPU, bounds the usual step. `python benchmarks/gpu/cudagraph_probe.py [--steps N]`."""
+"""Probe: peftlab LoRA on the 1B shape, blocks compiled, in variants of the step:
+
+* usual: as peftlab runs it;
+* keep-merged: the fold traced through by the compiler, which then keeps forward's W + s·B A for backward
+  (a copy of every adapted weight) instead of building it again;
+* graphs: blocks compiled as CUDA graphs (torch.compile mode "reduce-overhead"), which launch a block's
+  kernels at once: how much of the usual step the host's launching costs.
+
+One line per variant: tokens/s and peak memory; "usual" runs first and last to show the drift.
+`python benchmarks/gpu/step_variants_probe.py [--steps N] [--variants usual,graphs,...]`."""
 
 from __future__ import annotations
 
@@ -11,12 +17,17 @@ import torch
 
 import peftlab
 from peftlab.bench.speed import LORA, build_model, time_steps
+from peftlab.core import layers
 from peftlab.train.loss import SupervisedLoss
 
+OPAQUE_FOLD = layers._folded_low_rank_op
 
-def run(model, batch, graphs: bool, steps: int) -> None:
+
+def run(model, batch, variant: str, steps: int) -> None:
+    layers._folded_low_rank_op = layers._FoldedLowRank.apply if variant == "keep-merged" else OPAQUE_FOLD
     peftlab.adapt(model, "lora", **LORA)
     loss_fn = SupervisedLoss(model, compile_body=True)
+    graphs = variant == "graphs"
     if graphs:
         for block in loss_fn.compiled:
             block.module.compile(mode="reduce-overhead")
@@ -29,26 +40,27 @@ def run(model, batch, graphs: bool, steps: int) -> None:
 
     try:
         seconds, peak = time_steps(step, [p for p in model.parameters() if p.requires_grad], 5, steps)
-        print(f"{'graphs' if graphs else 'usual'}: {batch['input_ids'].numel() / seconds:,.0f} tok/s, "
-              f"peak {peak:.2f} GiB", flush=True)
+        print(f"{variant}: {batch['input_ids'].numel() / seconds:,.0f} tok/s, peak {peak:.2f} GiB", flush=True)
     except Exception as exc:  # noqa: BLE001 - the probe reports what failed and goes on
-        print(f"{'graphs' if graphs else 'usual'}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        print(f"{variant}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     finally:
         loss_fn.release()
         peftlab.delete(model, "default")
         torch._dynamo.reset()
+        layers._folded_low_rank_op = OPAQUE_FOLD
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--variants", default="usual,keep-merged,graphs,usual")
     args = parser.parse_args()
     device = torch.device("cuda")
     model, config = build_model("llama-3.2-1b", False, device)
     ids = torch.randint(0, config.vocab_size, (8, 1024), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    for graphs in (False, True, False):
-        run(model, batch, graphs, args.steps)
+    for variant in args.variants.split(","):
+        run(model, batch, variant, args.steps)
 
 
 if __name__ == "__main__":
