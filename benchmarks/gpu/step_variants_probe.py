@@ -1,13 +1,12 @@
 """Probe: peftlab LoRA on the 1B shape, blocks compiled, in variants of the step:
 
-* usual: as peftlab runs it;
-* keep-merged: the fold traced through by the compiler, which then keeps forward's W + s·B A for backward
-  (a copy of every adapted weight) instead of building it again;
+* usual: as peftlab runs it (without an activation budget, the fold keeps forward's W + s·B A for backward);
+* rebuild: the fold builds W + s·B A again in backward, as it does under an activation budget;
 * graphs: blocks compiled as CUDA graphs (torch.compile mode "reduce-overhead"), which launch a block's
   kernels at once: how much of the usual step the host's launching costs.
 
 One line per variant: tokens/s and peak memory; "usual" runs first and last to show the drift.
-`python benchmarks/gpu/step_variants_probe.py [--steps N] [--variants usual,graphs,...]`."""
+`python benchmarks/gpu/step_variants_probe.py [--steps N] [--variants usual,rebuild,...]`."""
 
 from __future__ import annotations
 
@@ -20,11 +19,11 @@ from peftlab.bench.speed import LORA, build_model, time_steps
 from peftlab.core import layers
 from peftlab.train.loss import SupervisedLoss
 
-OPAQUE_FOLD = layers._folded_low_rank_op
+KEEPS_MERGED = layers.keeps_merged_weight
 
 
 def run(model, batch, variant: str, steps: int) -> None:
-    layers._folded_low_rank_op = layers._FoldedLowRank.apply if variant == "keep-merged" else OPAQUE_FOLD
+    layers.keeps_merged_weight = (lambda: False) if variant == "rebuild" else KEEPS_MERGED
     peftlab.adapt(model, "lora", **LORA)
     loss_fn = SupervisedLoss(model, compile_body=True)
     graphs = variant == "graphs"
@@ -47,13 +46,13 @@ def run(model, batch, variant: str, steps: int) -> None:
         loss_fn.release()
         peftlab.delete(model, "default")
         torch._dynamo.reset()
-        layers._folded_low_rank_op = OPAQUE_FOLD
+        layers.keeps_merged_weight = KEEPS_MERGED
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--variants", default="usual,keep-merged,graphs,usual")
+    parser.add_argument("--variants", default="usual,rebuild,graphs,usual")
     args = parser.parse_args()
     device = torch.device("cuda")
     model, config = build_model("llama-3.2-1b", False, device)

@@ -149,21 +149,21 @@ def _folded_product(x, weight, bias, a, b):
     return nn.functional.linear(x, merged_weight_direct(weight, b, a), bias)
 
 
-def _folded_grads(grad, x, weight, a, b, needs_x: bool, needs_a: bool, needs_b: bool):
-    """Gradients of x (W + B A)ᵀ + b for x, A and B: x's through the merged matrix (built again), A's and B's
-    from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ)."""
+def _folded_grads(grad, x, merged, a, b, needs_a: bool, needs_b: bool):
+    """Gradients of x (W + B A)ᵀ + b for x, W, b, A and B: x's through ``merged`` (W + B A; None: not needed), A's
+    and B's from the low-rank products Bᵀ gᵀ x and gᵀ (x Aᵀ)."""
     flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-    grad_x = (grad @ merged_weight(weight, b, a)) if needs_x else None
+    grad_x = grad @ merged if merged is not None else None
     grad_a = (flat_grad @ b).T @ flat_x if needs_a else None
     grad_b = flat_grad.T @ (flat_x @ a.T) if needs_b else None
-    return grad_x, grad_a, grad_b
+    return grad_x, None, None, grad_a, grad_b
 
 
 def _folded_backward(ctx, grad):
-    """Backward of the fold for x, W, b, A, B (the autograd function and the operator alike)."""
+    """Backward of the fold that saved W (the autograd function and the operator alike): W + B A built again."""
+    x, weight, a, b = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b = _folded_grads(grad, *ctx.saved_tensors, needs[0], needs[3], needs[4])
-    return grad_x, None, None, grad_a, grad_b
+    return _folded_grads(grad, x, merged_weight(weight, b, a) if needs[0] else None, a, b, needs[3], needs[4])
 
 
 class _FoldedLowRank(torch.autograd.Function):
@@ -183,9 +183,26 @@ class _FoldedLowRank(torch.autograd.Function):
         return _folded_backward(ctx, grad)
 
 
-# The same function as an operator opaque to torch.compile: traced through, backward's rebuilt W + B A is the
-# same computation as forward's and is merged with it, so the compiled graph keeps forward's from forward to
-# backward, a second copy of every adapted weight (tests/methods/test_llm_adapters.py shows it).
+class _KeptFold(torch.autograd.Function):
+    """The fold saving W + B A for backward instead of W, for compiled code that may keep it
+    (``keeps_merged_weight``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b):
+        merged = merged_weight(weight, b, a)
+        ctx.save_for_backward(x, merged, a, b)
+        return nn.functional.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, merged, a, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        return _folded_grads(grad, x, merged if needs[0] else None, a, b, needs[3], needs[4])
+
+
+# The same function as an operator opaque to torch.compile, which then builds W + B A again in backward. Traced
+# through, backward's W + B A is the same computation as forward's and is merged with it: the compiled graph
+# keeps forward's to backward, a second copy of every adapted weight (tests/methods/test_llm_adapters.py).
 @torch.library.custom_op("peftlab::folded_low_rank", mutates_args=())
 def _folded_low_rank_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                         b: torch.Tensor) -> torch.Tensor:
@@ -210,15 +227,28 @@ def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch
     """The layer's output with a low-rank update, (W + s·B A) x + b, or g ⊙ (W + s·B A) x + b with a per-output
     ``gain``, as one product of the layer's size: for adapters alone on a plain, frozen layer
     (``folds_low_rank``). A, B and the gain may be kept in a wider dtype than x. Eager calls take an autograd
-    function (cheaper to dispatch), compiled code the equivalent opaque operator."""
+    function (cheaper to dispatch); compiled code keeps W + s·B A for backward where it may
+    (``keeps_merged_weight``), else takes the opaque operator that builds it again."""
     dtype = x.dtype
-    folded = _folded_low_rank_op if torch.compiler.is_compiling() else _FoldedLowRank.apply
+    if not torch.compiler.is_compiling():
+        folded = _FoldedLowRank.apply
+    else:
+        folded = _KeptFold.apply if keeps_merged_weight() else _folded_low_rank_op
     bias = layer.bias if gain is None else None
     product = folded(x, weight_matrix(layer), bias, a.to(dtype), (b * scale).to(dtype))
     if gain is None:
         return product
     gain = gain.to(dtype)
     return product * gain if layer.bias is None else torch.addcmul(layer.bias, product, gain)
+
+
+def keeps_merged_weight() -> bool:
+    """Whether compiled code may keep the fold's W + s·B A from forward to backward: unless compiled under an
+    activation budget (peftlab.train.loss.compile_blocks; gradient-
+    checkpointed blocks have budget 0): without one, a block keeps its activations, which outweigh its adapted
+    weights where the fold applies (about twice at the fold's threshold on a Llama block), and the copy saves
+    building W + s·B A again in backward; under one, the copy would outweigh what the block keeps."""
+    return torch._functorch.config.activation_memory_budget >= 1.0
 
 
 def frozen_in(layer: nn.Module, dtype: torch.dtype) -> bool:

@@ -201,10 +201,11 @@ def test_lora_keeps_the_separate_low_rank_path_where_folding_does_not_pay_or_app
     assert not made_by_fold(model(many))  # base(x) already holds the other adapter
 
 
+@pytest.mark.parametrize("budget", [None, 0.5])
 @pytest.mark.parametrize("method", ["lora", "dora"])
-def test_compiled_fold_matches_eager_and_saves_no_merged_weight(method):
-    """Traced through, the merged W + s·B A would be saved for backward (a copy of every adapted weight); the
-    compiled fold saves only W itself besides x and the factors."""
+def test_compiled_fold_matches_eager_and_keeps_the_merged_weight_only_without_a_budget(method, budget):
+    """Compiled under an activation budget, the fold saves only W itself besides x and the factors; without
+    one, it keeps forward's merged W + s·B A for backward instead of W (core.layers.keeps_merged_weight)."""
     torch.manual_seed(0)
     model = peftlab.adapt(_OneLinear(True), method, r=3, dropout=0.0).double()
     with torch.no_grad():
@@ -221,9 +222,10 @@ def test_compiled_fold_matches_eager_and_saves_no_merged_weight(method):
         return t
 
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    within = {} if budget is None else {"activation_memory_budget": budget}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch._functorch.config.patch(**within):
         out = compiled(x)
-    assert weight_shaped == [True]
+    assert weight_shaped == [budget is not None]
     torch.testing.assert_close(out, expected)
     for got, want in zip(torch.autograd.grad(out.pow(2).sum(), [x, *params]), expected_grads):
         torch.testing.assert_close(got, want)
