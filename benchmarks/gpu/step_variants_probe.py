@@ -1,6 +1,7 @@
 """Probe: peftlab LoRA on the 1B shape, blocks compiled, in variants of the step:
 
-* usual: as peftlab runs it (without an activation budget, the fold keeps forward's W + s·B A for backward);
+* usual: as peftlab runs it (without an activation budget, the fold keeps forward's W + s·B A for backward
+  where it is no larger than the layer's input);
 * rebuild: the fold builds W + s·B A again in backward, as it does under an activation budget;
 * graphs: blocks compiled as CUDA graphs (torch.compile mode "reduce-overhead"), which launch a block's
   kernels at once: how much of the usual step the host's launching costs.
@@ -23,7 +24,7 @@ KEEPS_MERGED = layers.keeps_merged_weight
 
 
 def run(model, batch, variant: str, steps: int) -> None:
-    layers.keeps_merged_weight = (lambda: False) if variant == "rebuild" else KEEPS_MERGED
+    layers.keeps_merged_weight = (lambda weight, x: False) if variant == "rebuild" else KEEPS_MERGED
     peftlab.adapt(model, "lora", **LORA)
     loss_fn = SupervisedLoss(model, compile_body=True)
     graphs = variant == "graphs"

@@ -10,7 +10,7 @@ import torch
 
 import peftlab
 from peftlab.core.inject import hosts
-from peftlab.core.layers import weight_matrix
+from peftlab.core.layers import keeps_merged_weight, weight_matrix
 
 from ..conftest import assert_same_function, made_by_fold, make_inputs, output_of, stack_under_lora, tiny_llama
 
@@ -229,6 +229,14 @@ def test_compiled_fold_matches_eager_and_keeps_the_merged_weight_only_without_a_
     torch.testing.assert_close(out, expected)
     for got, want in zip(torch.autograd.grad(out.pow(2).sum(), [x, *params]), expected_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_compiled_fold_keeps_the_merged_weight_no_larger_than_the_input_and_never_under_a_budget():
+    weight = torch.zeros(10, 12)
+    assert keeps_merged_weight(weight, torch.zeros(2, 5, 12))
+    assert not keeps_merged_weight(weight, torch.zeros(9, 12))  # the copy would outweigh the input kept for backward
+    with torch._functorch.config.patch(activation_memory_budget=0.5):
+        assert not keeps_merged_weight(weight, torch.zeros(100, 12))
 
 
 def test_folded_lora_trains_fp32_factors_from_bf16_activations():
