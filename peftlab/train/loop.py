@@ -216,7 +216,10 @@ class Trainer:
             batch = collate_packed(units, self.pad_id, mask_dtype)
         else:
             batch = collate([u[0] for u in units], self.pad_id, self.tasks)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        if self.device.type != "cuda":
+            return {k: v.to(self.device) for k, v in batch.items()}
+        # From pinned memory the copy is queued behind the GPU's work; from pageable memory the host waits for it.
+        return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _micro_batches(self, epoch: int, cursor: int):
         """Endless stream of (epoch, cursor after it, units to collate, real tokens in them) from a data
@@ -374,7 +377,7 @@ class Trainer:
         are the single-process ones. A non-finite loss is reported after the reduction, on every rank
         at once, so no rank is left waiting in a collective.
         """
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        local_tokens = int(sum((b["labels"][:, 1:] != -100).sum() for b in batches))
         [total_tokens] = self.dist.sum([local_tokens])
         losses, finite = [], []
         for batch in batches:
