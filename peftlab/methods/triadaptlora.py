@@ -35,10 +35,12 @@ orth_reg_weight · mean over layers of (‖A Aᵀ - I‖_F + ‖Bᵀ B - I‖_F)
 Shapes never change during training: every layer allocates ``max_rank`` rows/columns at build time
 and a persistent buffer ``active_rank`` masks the unused ones (they get zero gradients). Growth runs
 in ``on_step`` (before the step's micro-batches; the code grows after ``optimizer.step``, which is the
-same point in the sequence). The score bookkeeping (``previous_norm``) and the ranks are persistent
-buffers, so a saved adapter resumes growth exactly. The forward folds the activity mask and s into the
-core's two triangle masks (cached until ``active_rank`` changes) and the core into B, so a step costs
-LoRA's GEMMs plus a few R x R and out x R ops.
+same point in the sequence). Scores and the regulariser are computed for all layers at once (stacked
+per projection shape), and ranks are read on the host only when they change. The score bookkeeping
+(``previous_norm``) and the ranks are persistent buffers, so a saved adapter resumes growth exactly.
+The forward folds the activity mask and s into the core's two triangle masks (cached until
+``active_rank`` changes) and the core into B, so a step costs LoRA's GEMMs plus a few R x R and out x R
+ops.
 
 Init (code at the commit above): A ~ N(0, 0.02), B = 0, the first diagonal block of both L and U is
 the identity (so C starts at 2·I); the model is unchanged at init. Scale s = alpha with alpha 2: the
@@ -118,7 +120,7 @@ class TriAdaptLoRAAdapter(LayerAdapter):
             eye = torch.eye(size, device=dev)
             self.lower.copy_(eye)
             self.upper.copy_(eye)
-            self.previous_norm.copy_(self.normalised_norm())
+            self.previous_norm.copy_(normalised_norms([self])[0])
 
     # ---- the computation
     def mask(self) -> torch.Tensor:
@@ -175,20 +177,20 @@ class TriAdaptLoRAAdapter(LayerAdapter):
 
     # ---- growth bookkeeping
     def rank(self) -> int:
-        return int(self.active_rank)
+        """The active rank, read from the device only when ``active_rank`` changed (same key as the masks'
+        cache): a read per layer and step would make the host wait for the GPU 112 times a step on a 1B
+        model, for a value that changes only in growth rounds."""
+        if self.active_rank.is_inference():  # such tensors keep no version counter
+            return int(self.active_rank)
+        cache = self.__dict__.get("_rank_cache")
+        if cache is None or cache[0] != self._rank_key():
+            cache = (self._rank_key(), int(self.active_rank))
+            self.__dict__["_rank_cache"] = cache
+        return cache[1]
 
-    def blocks(self) -> int:
-        return int(self.block_of[self.rank() - 1]) + 1
-
-    def normalised_norm(self) -> torch.Tensor:
-        return torch.linalg.norm(self.core().detach().float()) / self.blocks()
-
-    def importance(self) -> float:
-        """Change of ‖C‖_F / #blocks since the previous call (and remember the new value)."""
-        current = self.normalised_norm()
-        score = float(current - self.previous_norm)
-        self.previous_norm.copy_(current)
-        return score
+    def _rank_key(self) -> tuple:
+        rank = self.active_rank
+        return id(rank), rank.data_ptr(), rank._version
 
     @torch.no_grad()
     def grow(self, gen: torch.Generator) -> None:
@@ -204,13 +206,58 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         self.lower[new, new] = eye
         self.upper[new, new] = eye
         self.active_rank.fill_(stop)
+        if not self.active_rank.is_inference():
+            self.__dict__["_rank_cache"] = (self._rank_key(), stop)
 
-    def orthogonality(self) -> torch.Tensor:
-        m = self.mask()
-        a = self.lora_A.float() * m[:, None]
-        b = self.lora_B.float() * m[None, :]
-        eye = torch.diag(m)
-        return torch.linalg.norm(a @ a.T - eye) + torch.linalg.norm(b.T @ b - eye)
+
+def _stacked(layers: list[TriAdaptLoRAAdapter], name: str) -> torch.Tensor:
+    return torch.stack([getattr(a, name) for a in layers])
+
+
+def _active_masks(layers: list[TriAdaptLoRAAdapter]) -> torch.Tensor:
+    """(layers x R) float masks of the active ranks, without reading the ranks on the host."""
+    return (layers[0].positions < _stacked(layers, "active_rank")[:, None]).float()
+
+
+def normalised_norms(layers: list[TriAdaptLoRAAdapter]) -> torch.Tensor:
+    """‖C_active‖_F / #active blocks of every layer (one config: the block layout is shared), computed
+    for all layers at once: per layer, these few R x R ops would be a few hundred kernel launches a step."""
+    first = layers[0]
+    m = _active_masks(layers)
+    lower, upper = (_stacked(layers, name).detach().float() for name in ("lower", "upper"))
+    cores = (lower * first.lower_mask + upper * first.upper_mask) * (m[:, :, None] * m[:, None, :])
+    blocks = first.block_of[_stacked(layers, "active_rank") - 1] + 1
+    return torch.linalg.matrix_norm(cores) / blocks
+
+
+@torch.no_grad()
+def importance_scores(layers: list[TriAdaptLoRAAdapter]) -> list[float]:
+    """Change of every layer's normalised norm since the previous call (remembering the new values),
+    read on the host once for all layers."""
+    current = normalised_norms(layers)
+    previous = [a.previous_norm for a in layers]
+    scores = (current - torch.stack(previous)).tolist()
+    torch._foreach_copy_(previous, list(current.unbind()))
+    return scores
+
+
+def orthogonality(layers: list[TriAdaptLoRAAdapter]) -> torch.Tensor:
+    """‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F of every layer on its active factors (I the active diagonal), batched
+    over the layers whose A and B shapes match (one group per projection type)."""
+    groups: dict[tuple, list[int]] = {}
+    for index, a in enumerate(layers):
+        groups.setdefault((a.lora_A.shape, a.lora_B.shape), []).append(index)
+    terms = [None] * len(layers)
+    for indices in groups.values():
+        group = [layers[i] for i in indices]
+        m = _active_masks(group)
+        a = _stacked(group, "lora_A").float() * m[:, :, None]
+        b = _stacked(group, "lora_B").float() * m[:, None, :]
+        eye = torch.diag_embed(m)
+        values = torch.linalg.matrix_norm(a @ a.mT - eye) + torch.linalg.matrix_norm(b.mT @ b - eye)
+        for i, value in zip(indices, values.unbind()):
+            terms[i] = value
+    return torch.stack(terms)
 
 
 @register
@@ -287,8 +334,7 @@ class TriAdaptLoRA(LayerMethod):
     def regularization(self, adapters: dict[str, nn.Module]) -> torch.Tensor | None:
         if self.orth_reg_weight == 0 or not adapters:
             return None
-        terms = torch.stack([a.orthogonality() for a in adapters.values()])
-        return self.orth_reg_weight * terms.sum() / (2 * len(adapters))
+        return self.orth_reg_weight * orthogonality(list(adapters.values())).sum() / (2 * len(adapters))
 
     def budget(self, layers: int) -> int:
         return self.target_total_rank if self.target_total_rank is not None else self.reference_rank * layers
@@ -311,7 +357,7 @@ class TriAdaptLoRA(LayerMethod):
         target = self.budget(len(adapters))
         if total >= target:
             return None
-        scores = {path: a.importance() for path, a in adapters.items()}
+        scores = dict(zip(adapters, importance_scores(list(adapters.values()))))
         eligible = [p for p, a in adapters.items() if a.rank() + a.block_size <= a.lora_A.shape[0]]
         if not eligible:
             return scores

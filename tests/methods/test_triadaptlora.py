@@ -8,7 +8,7 @@ import torch
 import peftlab
 from peftlab.core import api
 from peftlab.core.method import TrainingStep
-from peftlab.methods.triadaptlora import rank_pattern
+from peftlab.methods.triadaptlora import importance_scores, orthogonality, rank_pattern
 
 from ..conftest import assert_same_function, made_by_fold, make_inputs, output_of, tiny_llama
 
@@ -94,8 +94,96 @@ def test_scores_are_the_change_of_the_normalised_frobenius_norm():
     assert torch.isclose(adapter.previous_norm, torch.tensor(2.0))  # ‖2·I_1‖ / 1 block
     with torch.no_grad():
         adapter.upper[0, 0] = 2.0  # C00 = 1 + 2
-    assert adapter.importance() == pytest.approx(1.0)
-    assert adapter.importance() == pytest.approx(0.0)
+    assert importance_scores([adapter]) == pytest.approx([1.0])
+    assert importance_scores([adapter]) == pytest.approx([0.0])
+
+
+def _grown_with_random_factors(seed=3):
+    """Layers of every projection shape at different ranks, with random factors and cores."""
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", reference_rank=4, init_rank=1, incre_rank_num=2, max_rank=5)
+    adapters = api.attached_adapters(model, "default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for index, a in enumerate(adapters.values()):
+            for p in (a.lora_A, a.lora_B, a.lower, a.upper):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            a.active_rank.fill_((1, 3, 5)[index % 3])
+    return model, adapters
+
+
+def _layer_norm_change(a):
+    """The spec's score for one layer: ‖C_active‖_F / #active blocks, minus the remembered value."""
+    rank = int(a.active_rank)
+    return (torch.linalg.norm(a.core()) / (int(a.block_of[rank - 1]) + 1) - a.previous_norm).item()
+
+
+def _layer_orthogonality(a):
+    rank = int(a.active_rank)
+    a_active, b_active = a.lora_A[:rank], a.lora_B[:, :rank]
+    eye = torch.eye(rank)
+    return torch.linalg.norm(a_active @ a_active.T - eye) + torch.linalg.norm(b_active.T @ b_active - eye)
+
+
+def test_batched_scores_and_regulariser_equal_the_per_layer_formulas():
+    model, adapters = _grown_with_random_factors()
+    layers = list(adapters.values())
+    expected = [_layer_norm_change(a) for a in layers]
+    assert importance_scores(layers) == pytest.approx(expected, rel=1e-5)
+    assert importance_scores(layers) == pytest.approx([0.0] * len(layers), abs=1e-5)  # values remembered
+
+    batched = orthogonality(layers)
+    reference = torch.stack([_layer_orthogonality(a) for a in layers])
+    assert torch.allclose(batched, reference, rtol=1e-5)
+    params = [p for a in layers for p in (a.lora_A, a.lora_B)]
+    got = torch.autograd.grad(batched.sum(), params)
+    want = torch.autograd.grad(reference.sum(), params)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _hook_ops(layers: int) -> int:
+    """ATen ops (views excluded) of one growth round and the regulariser's forward and backward, on a
+    tiny Llama with ``layers`` blocks where exactly one layer grows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = peftlab.adapt(LlamaForCausalLM(config), "triadaptlora", target_total_rank=7 * layers + 1, **SMALL)
+    adapters = api.attached_adapters(model, "default")
+    _randomise_b(adapters)
+    with torch.no_grad():
+        next(iter(adapters.values())).lower[0, 0] += 1  # the one layer whose score is highest
+    rank_pattern(model)  # the host reads each rank once, then again only after it changes
+    with Count():
+        _step(model, 1, 10)
+        peftlab.regularization(model).backward()
+    assert sum(rank_pattern(model).values()) == 7 * layers + 1
+    return Count.ops
+
+
+def test_hooks_dispatch_a_number_of_ops_independent_of_the_layer_count():
+    # Per-layer bookkeeping would be hundreds of kernel launches (and host reads) a step on a 1B model.
+    small, large = _hook_ops(1), _hook_ops(4)
+    assert large == small, (small, large)
+
+
+def test_the_host_reads_ranks_again_only_after_they_change():
+    model = peftlab.adapt(tiny_llama(), "triadaptlora", **SMALL)
+    adapter = next(iter(api.attached_adapters(model, "default").values()))
+    assert adapter.rank() == 1
+    with torch.no_grad():
+        adapter.active_rank.fill_(2)  # as load_state_dict writes it
+    assert adapter.rank() == 2
+    adapter.grow(torch.Generator().manual_seed(0))
+    assert adapter.rank() == 3 == int(adapter.active_rank)
 
 
 def test_grown_ranks_survive_save_and_load(tmp_path):
@@ -123,7 +211,7 @@ def test_orthogonality_regulariser_on_active_factors():
     row = a.lora_A[0].detach()
     expected_first = abs(row @ row - 1) + 1.0  # ‖A Aᵀ − I‖ (rank 1) + ‖Bᵀ B − I‖ with B = 0
     assert reg is not None and reg.item() > 0
-    assert a.orthogonality().item() == pytest.approx(expected_first.item(), rel=1e-5)
+    assert orthogonality([a])[0].item() == pytest.approx(expected_first.item(), rel=1e-5)
     model2 = peftlab.adapt(tiny_llama(), "triadaptlora", orth_reg_weight=0.0, **SMALL)
     assert peftlab.regularization(model2) is None
 
@@ -207,3 +295,9 @@ def test_forward_and_gradients_match_the_reference_formula(rank_scaled):
     adapter.load_state_dict(saved)
     assert adapter.rank() == 3
     check(*inputs)
+
+
+def test_ranks_read_under_inference_mode():
+    with torch.inference_mode():
+        model = peftlab.adapt(tiny_llama(), "triadaptlora", **SMALL)
+        assert set(rank_pattern(model).values()) == {1}
