@@ -111,18 +111,63 @@ class SORSAAdapter(LayerAdapter):
         """W_r = W0 − c·B0 diag(S0) A0: the reference's frozen weight (fp32, (out, in))."""
         return weight_matrix(layer).detach().float() - self.scale * (self.base_B * self.base_S) @ self.base_A
 
-    def orthonormality(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖A Aᵀ − I‖_F, ‖Bᵀ B − I‖_F) in fp32."""
-        with torch.autocast(self.A.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            a, b = self.A.float(), self.B.float()
-            eye = torch.eye(a.shape[0], device=a.device)
-            return torch.linalg.matrix_norm(a @ a.T - eye), torch.linalg.matrix_norm(b.T @ b - eye)
+
+FactorGroup = tuple[str, list[nn.Parameter]]  # ("A" or "B", the factors of that name sharing shape and dtype)
+
+
+def factor_groups(adapters) -> list[FactorGroup]:
+    """The A and B factors, grouped so that each group stacks into one tensor: every layer of a projection
+    shares its shapes, so the number of groups (and of ops computing L_orth) does not grow with depth."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for adapter in adapters:
+        if isinstance(adapter, SORSAAdapter):
+            for name in ("A", "B"):
+                factor = getattr(adapter, name)
+                groups.setdefault((name, factor.shape, factor.dtype, factor.device), []).append(factor)
+    return [(key[0], factors) for key, factors in groups.items()]
+
+
+def deviations(stacked: torch.Tensor, name: str) -> torch.Tensor:
+    """‖A Aᵀ − I‖_F or ‖Bᵀ B − I‖_F of each matrix of a stack of A or B factors, in fp32."""
+    with torch.autocast(stacked.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+        m = stacked.float()
+        gram = m @ m.mT if name == "A" else m.mT @ m
+        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=m.device))
+
+
+def mean_deviation(groups: list[FactorGroup], stacks: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([deviations(stacked, name) for (name, _), stacked in zip(groups, stacks)]).mean()
 
 
 def orthonormal_loss(adapters) -> torch.Tensor | None:
-    """L_orth: the mean over all A and B matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (``calc_ortho``)."""
-    terms = [t for a in adapters if isinstance(a, SORSAAdapter) for t in a.orthonormality()]
-    return torch.stack(terms).mean() if terms else None
+    """L_orth: the mean over all A and B matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (``calc_ortho``);
+    differentiable in every A and B."""
+    groups = factor_groups(adapters)
+    if not groups:
+        return None
+    return mean_deviation(groups, [torch.stack(factors) for _, factors in groups])
+
+
+def orthonormal_gradients(groups: list[FactorGroup]) -> list[torch.Tensor]:
+    """∇L_orth per group, stacked like the group. Differentiates the stacks (fresh leaves) rather than the
+    parameters, so autograd hands back one tensor per group instead of one per parameter."""
+    with torch.no_grad():
+        stacks = [torch.stack(factors).requires_grad_() for _, factors in groups]
+    with torch.enable_grad():
+        return list(torch.autograd.grad(mean_deviation(groups, stacks), stacks))
+
+
+def add_to_grads(params: list[nn.Parameter], update: torch.Tensor) -> None:
+    """p.grad += update[i] with one foreach op; a parameter without a gradient takes its slice of
+    ``update`` (a view: no per-parameter copy)."""
+    slices = update.unbind(0)
+    accumulated = [(p.grad, s) for p, s in zip(params, slices) if p.grad is not None]
+    for p, s in zip(params, slices):
+        if p.grad is None:
+            p.grad = s
+    if accumulated:
+        grads, additions = zip(*accumulated)
+        torch._foreach_add_(list(grads), list(additions))
 
 
 @register
@@ -174,16 +219,10 @@ class SORSA(LayerMethod):
         if self.orth_mode != "step" or self.gamma == 0 or step.peak_lr <= 0:
             return
         mods = [a for a in adapters.values() if isinstance(a, SORSAAdapter) and a.A.requires_grad]
-        if not mods:
+        groups = factor_groups(mods)
+        if not groups:
             return
-        params = [p for a in mods for p in (a.A, a.B)]
-        with torch.enable_grad():
-            grads = torch.autograd.grad(orthonormal_loss(mods), params)
         coefficient = self.gamma / (step.peak_lr * max(step.accumulation, 1))
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                g = g.to(p.dtype) * coefficient
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
+            for (_, params), gradient in zip(groups, orthonormal_gradients(groups)):
+                add_to_grads(params, gradient.mul_(coefficient))

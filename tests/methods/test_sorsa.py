@@ -11,7 +11,7 @@ from peftlab.core.inject import hosts
 from peftlab.core.method import TrainingStep
 from peftlab.methods.sorsa import orthonormal_loss
 
-from ..conftest import adapter_of, one_layer, rel_err, tiny_llama
+from ..conftest import adapter_of, one_layer, perturb_adapters, rel_err, tiny_llama
 
 CASES = {"sorsa": {"r": 4}}
 VARIANTS = [
@@ -150,6 +150,82 @@ def test_loss_mode_adds_gamma_times_the_mean_orthonormality():
     before = {id(p): None for p in model.parameters()}
     before_optimizer_step(model, TrainingStep(0, 1, 1e-3, 1e-3, 1))
     assert all(p.grad is None for p in model.parameters() if id(p) in before)
+
+
+def reference_orthonormal_loss(adapters) -> torch.Tensor:
+    """The spec's formula one layer at a time: (1/2N) Σ_layers (‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F)."""
+    total = torch.zeros(())
+    for a in adapters:
+        eye = torch.eye(a.A.shape[0])
+        total = total + torch.linalg.matrix_norm(a.A @ a.A.T - eye) + torch.linalg.matrix_norm(a.B.T @ a.B - eye)
+    return total / (2 * len(adapters))
+
+
+def factors(adapters) -> list[torch.nn.Parameter]:
+    return [p for a in adapters for p in (a.A, a.B)]
+
+
+@pytest.mark.parametrize("task_gradients", [True, False], ids=["accumulates", "no-task-grad"])
+def test_hook_update_equals_the_per_layer_formula(task_gradients):
+    model = _perturbed_model()  # q/o, k/v, gate/up and down factors: several shape groups
+    adapters = list(attached_adapters(model, "default").values())
+    model.train()
+    if task_gradients:
+        ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+        model(input_ids=ids, labels=ids).loss.backward()
+    task = {id(p): None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad}
+    expected = torch.autograd.grad(reference_orthonormal_loss(adapters), factors(adapters))
+    before_optimizer_step(model, TrainingStep(step=0, total_steps=10, lr=1e-5, peak_lr=3e-5, accumulation=4))
+    coefficient = 4e-4 / (3e-5 * 4)
+    for p, g in zip(factors(adapters), expected):
+        added = p.grad if task[id(p)] is None else p.grad - task[id(p)]
+        assert torch.allclose(added, coefficient * g, rtol=1e-5, atol=1e-7)
+    for a in adapters:  # S gets nothing
+        assert (a.S.grad is None) if task[id(a.S)] is None else torch.equal(a.S.grad, task[id(a.S)])
+
+
+def test_loss_mode_value_and_gradients_equal_the_per_layer_formula():
+    model = peftlab.adapt(tiny_llama(), "sorsa", r=4, orth_mode="loss", gamma=0.5)
+    perturb_adapters(model)
+    adapters = list(attached_adapters(model, "default").values())
+    value = peftlab.regularization(model)
+    reference = 0.5 * reference_orthonormal_loss(adapters)
+    assert torch.allclose(value, reference, rtol=1e-6, atol=0)
+    got = torch.autograd.grad(value, factors(adapters))
+    expected = torch.autograd.grad(reference, factors(adapters))
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-7)
+    assert torch.autograd.grad(value, adapters[0].S, allow_unused=True)[0] is None  # S is not regularised
+
+
+def hook_op_count(layers: int) -> int:
+    """Non-view ATen ops dispatched by the step-mode hook on a tiny Llama of ``layers`` decoder layers,
+    after one forward + backward (so that every factor already holds a task gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not (func.is_view or torch.Tag.view_copy in func.tags):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = peftlab.adapt(LlamaForCausalLM(config), "sorsa", r=4).train()
+    ids = torch.randint(3, 128, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with CountOps() as counter:
+        before_optimizer_step(model, TrainingStep(step=0, total_steps=10, lr=1e-5, peak_lr=3e-5, accumulation=4))
+    return counter.count
+
+
+def test_hook_op_count_does_not_grow_with_depth():
+    # Each op is a kernel launch on a GPU: a per-layer loop costs a visible share of a training step.
+    assert hook_op_count(6) == hook_op_count(2)
 
 
 def test_rank_above_the_layer_raises():
