@@ -113,17 +113,29 @@ class KaSAAdapter(LayerAdapter):
     def delta_weight(self, layer) -> torch.Tensor:
         return self.update_weight() - self.tail_weight()
 
-    def penalty(self, beta: float, gamma: float, orth_form: str) -> torch.Tensor:
-        """β·Σd² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) for this layer, in fp32."""
-        with torch.autocast(self.lora_A.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            d, a, b = self.lora_diag.float(), self.lora_A.float(), self.lora_B.float()
-            eye = torch.eye(d.shape[0], device=d.device)
-            gap_b = (b.T @ b - eye).pow(2).sum()
-            gap_a = (a @ a.T - eye).pow(2).sum()
-        if orth_form == "reference":  # ‖BBᵀ − I_out‖² and ‖AᵀA − I_in‖², through r x r Grams
-            gap_b = gap_b + (b.shape[0] - d.shape[0])
-            gap_a = gap_a + (a.shape[1] - d.shape[0])
-        return beta * d.pow(2).sum() + gamma * (_safe_sqrt(gap_b) + _safe_sqrt(gap_a))
+
+FactorGroup = tuple[bool, list[nn.Parameter]]  # (rows orthonormal, i.e. A; else columns, i.e. B), factors
+
+
+def _factor_groups(layers: list[KaSAAdapter]) -> list[FactorGroup]:
+    """The A and B factors, grouped so that each group stacks into one tensor: every layer of a projection
+    shares its shapes, so the number of groups (and of ops in the regulariser) does not grow with depth."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for layer in layers:
+        for rows, factor in ((True, layer.lora_A), (False, layer.lora_B)):
+            groups.setdefault((rows, factor.shape, factor.dtype, factor.device), []).append(factor)
+    return [(key[0], factors) for key, factors in groups.items()]
+
+
+def _squared_gaps(factors: list[nn.Parameter], rows: bool, eye: torch.Tensor, reference: bool) -> torch.Tensor:
+    """‖AAᵀ − I_r‖_F² (rows) or ‖BᵀB − I_r‖_F² of each factor, fp32; with ``reference``, ‖AᵀA − I_in‖_F² or
+    ‖BBᵀ − I_out‖_F², which exceed them by the constant n − r (n = in or out)."""
+    stacked = torch.stack(factors).float()
+    # Bᵀ B is formed from B's stack as stored: a transposed stack would hand every layer a transposed gradient
+    # slice, which autograd then copies into its parameter's layout (two ops per layer).
+    wide, tall = (stacked, stacked.mT) if rows else (stacked.mT, stacked)  # r x n, n x r
+    gaps = torch.baddbmm(eye, wide, tall, beta=-1).pow(2).sum((1, 2))  # −I + Gram in one kernel
+    return gaps + (wide.shape[-1] - wide.shape[-2]) if reference else gaps
 
 
 def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
@@ -176,9 +188,17 @@ class KaSA(LayerMethod):
         return self.r * (in_features + out_features) + self.r
 
     def regularization(self, adapters: dict[str, nn.Module]) -> torch.Tensor | None:
-        """(1/L_n)·Σ_layers [β·Σd² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)] (official ``loss_fn``)."""
+        """(1/L_n)·Σ_layers [β·Σd² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F)] (official ``loss_fn``), with one batched
+        Gram per factor shape: a fixed number of kernels however many layers (a per-layer loop launched ~56 a
+        layer)."""
         layers = [a for a in adapters.values() if isinstance(a, KaSAAdapter)]
         if not layers or (self.beta == 0 and self.gamma == 0):
             return None
-        total = torch.stack([a.penalty(self.beta, self.gamma, self.orth_form) for a in layers]).sum()
+        device = layers[0].lora_diag.device
+        with torch.autocast(device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            eye = torch.eye(self.r, device=device)
+            reference = self.orth_form == "reference"
+            gaps = torch.cat([_squared_gaps(factors, rows, eye, reference) for rows, factors in _factor_groups(layers)])
+            diag = torch.stack([a.lora_diag for a in layers]).float()
+            total = self.beta * diag.pow(2).sum() + self.gamma * _safe_sqrt(gaps).sum()
         return total / len(layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
 from peftlab.core.api import attached_adapters
@@ -13,8 +14,84 @@ from ..conftest import adapter_of, one_layer, rel_err, tiny_llama
 CASES = {"kasa": {"r": 8}}  # r < 16 = min(in, out) of the tiny k, v projections; big enough to show the truncation
 VARIANTS = [("kasa", {"r": 6, "alpha": 12.0, "dropout": 0.05, "orth_form": "reference", "beta": 1e-2})]
 
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def llama_of_depth(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def per_layer_regulariser(adapters, beta: float, gamma: float, orth_form: str) -> torch.Tensor:
+    """The spec's L_aux summed layer by layer, in fp64; "reference" forms the full in x in / out x out Grams."""
+    terms = []
+    for adapter in adapters.values():
+        a, b, d = adapter.lora_A.double(), adapter.lora_B.double(), adapter.lora_diag.double()
+        if orth_form == "reference":
+            gram_a, gram_b = a.T @ a, b @ b.T
+        else:
+            gram_a, gram_b = a @ a.T, b.T @ b
+        gap_a = torch.linalg.norm(gram_a - torch.eye(len(gram_a), dtype=a.dtype))
+        gap_b = torch.linalg.norm(gram_b - torch.eye(len(gram_b), dtype=b.dtype))
+        terms.append(beta * d.pow(2).sum() + gamma * (gap_b + gap_a))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("orth_form", ["gram", "reference"])
+def test_batched_regulariser_and_its_gradients_equal_the_per_layer_sum(orth_form):
+    # Every projection: A stacks by in (32, 48) and B by out (32, 16, 48), most groups shared by projections.
+    model = peftlab.adapt(llama_of_depth(3), "kasa", r=4, targets=PROJECTIONS, beta=0.3, gamma=0.7, orth_form=orth_form)
+    adapters = attached_adapters(model, "default")
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.normal_(std=0.3)
+    value = peftlab.regularization(model)
+    expected = per_layer_regulariser(adapters, 0.3, 0.7, orth_form)
+    assert value.dtype == torch.float32 and abs(value.item() - expected.item()) <= 1e-6 * expected.item()
+    params = trainable(model)
+    assert len(params) == 3 * 3 * len(PROJECTIONS)
+    grads = torch.autograd.grad(value, params)
+    reference = torch.autograd.grad(expected, params)
+    for g, h in zip(grads, reference):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops that launch work (views and metadata changes excluded)."""
+
+    free = {torch.ops.aten.detach.default, torch.ops.aten.lift_fresh.default,
+            torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (torch.Tag.view_copy in func.tags or func.is_view or func in self.free):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def regulariser_ops(layers: int, orth_form: str) -> int:
+    model = peftlab.adapt(llama_of_depth(layers), "kasa", r=4, targets=PROJECTIONS, orth_form=orth_form)
+    with OpCounter() as counter:  # autograd.grad: no .grad accumulation, one op per parameter for any loss term
+        torch.autograd.grad(peftlab.regularization(model), trainable(model))
+    return counter.count
+
+
+@pytest.mark.parametrize("orth_form", ["gram", "reference"])
+def test_regulariser_ops_do_not_grow_with_depth(orth_form):
+    # On a GPU every op is a kernel launch; a per-layer loop made ~56 of them per adapted layer.
+    shallow, deep = regulariser_ops(2, orth_form), regulariser_ops(6, orth_form)
+    assert deep == shallow
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])  # out < in (where the official code truncates nothing)
