@@ -167,7 +167,7 @@ class DiffoRA(LayerMethod):
         boundary = self.search_boundary(step.total_steps)
         if boundary is None or step.step < boundary:
             return
-        if any(bool(a.searching) for a in adapters.values()):
+        if any(a.phase()[0] for a in adapters.values()):  # cached: no host read per layer and step
             discretize(adapters, self.budget(len(adapters)))
 
 
