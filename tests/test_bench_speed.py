@@ -42,3 +42,15 @@ def test_distributed_step_script_runs_one_process_on_the_cpu(tmp_path):
     row = json.loads(out.read_text())
     assert row["world_size"] == 1 and not row["shard"] and row["tok_s"] > 0
     assert len(row["losses"]) == 3 and all(math.isfinite(x) for x in row["losses"])
+
+
+def test_timed_steps_run_the_methods_training_hooks_as_the_trainer_does(tmp_path, monkeypatch):
+    from peftlab.bench import speed
+
+    calls = []
+    for hook in ("on_step", "regularization", "before_optimizer_step"):
+        original = getattr(speed.api, hook)
+        monkeypatch.setattr(speed.api, hook, lambda *a, _f=original, _h=hook: calls.append(_h) or _f(*a))
+    main(["--device", "cpu", "--shapes", "tiny-llama", "--methods", "triadaptlora", "--impl", "peftlab",
+          "--batch", "2", "--seq", "16", "--warmup", "1", "--steps", "2", "--output", str(tmp_path / "s")])
+    assert calls == ["on_step", "regularization", "before_optimizer_step"] * 3

@@ -7,7 +7,10 @@ time optimizer steps of peftlab (its own training path: adapters computing in bf
 weights, the fused head + cross-entropy; compiled and checkpointed, blocks recompute only what backward
 reads: peftlab.train.loss.compile_blocks) and of HF PEFT where PEFT has the method (the standard
 recipe: ``model(**batch, labels=...).loss`` under bf16 autocast, as HF Trainer runs it). Both see the
-same batch, loss on every token, AdamW on the adapter parameters.
+same batch, loss on every token, AdamW on the adapter parameters. peftlab's step includes the methods'
+training hooks as its trainer runs them (``on_step``, the regularisation term, ``before_optimizer_step``),
+as the first steps of a ``NOMINAL_TOTAL_STEPS`` run: growth rounds and orthogonality penalties cost
+launches and host reads too.
 
 Reported per row: tokens/s, peak GiB (torch.cuda.max_memory_allocated), the ratio to PEFT and MFU.
 Model FLOPs per token follow the usual convention for a frozen base: 4·N for the N weights in
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +34,8 @@ import torch
 
 import peftlab
 from peftlab.budget import architecture_config
+from peftlab.core import api
+from peftlab.core.method import TrainingStep
 
 # Options for a like-for-like comparison; PEFT's equivalent config builder, when PEFT has the method.
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
@@ -47,6 +53,10 @@ PEFT_METHODS = {
 OPTIONS = {"lora": LORA, "dora": LORA, "randlora": {"r": 32}, "prompt": {"num_virtual_tokens": 20},
            "prefix": {"num_virtual_tokens": 30}, "bitfit": {"add_bias": True}, "qwha": {"init": "random"},
            **{name: {"default_task": 0} for name in ("mtlora", "omnilora", "polyhistor", "divcontrol")}}
+LEARNING_RATE = 1e-5
+# Methods with schedules (growth, search, location phases) see the timed steps as the first of a run this
+# long: the early regime, the costlier one where a schedule changes anything.
+NOMINAL_TOTAL_STEPS = 1000
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -108,7 +118,7 @@ def build_model(shape: str, checkpointing: bool, device: torch.device):
 def time_steps(step, params, warmup: int, steps: int) -> tuple[float, float | None]:
     """(seconds per step, peak GiB on CUDA) of ``step()`` followed by AdamW on ``params``."""
     device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=device.type == "cuda")
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -137,9 +147,17 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     loss_fn = SupervisedLoss(model, compile_body=compiled, activation_budget=activation_budget,
                              offload_activations=offload)
 
+    steps_done = itertools.count()
+
     def step():
+        info = TrainingStep(next(steps_done), NOMINAL_TOTAL_STEPS, LEARNING_RATE, LEARNING_RATE)
+        api.on_step(model, info)
         total, count = loss_fn(batch)
-        (total / count).backward()
+        loss = total / count
+        if (penalty := api.regularization(model)) is not None:
+            loss = loss + penalty
+        loss.backward()
+        api.before_optimizer_step(model, info)
 
     try:
         return time_steps(step, [p for p in model.parameters() if p.requires_grad], warmup, steps)
