@@ -26,6 +26,8 @@ the b-th row of A and the b-th column of B receive gradients; rows/columns < b a
 leading ranks are not disturbed by larger ones. ``update="all"`` trains all b leading rows/columns
 (the paper's non-frozen ablation). Sampling runs in ``on_step`` with a local generator seeded from
 ``seed`` and the step number, so it is reproducible and resumable without saving generator state.
+In training the drawn rank is a tensor and the factors keep all r rows/columns, zeroed beyond b: the same
+products (zeros add nothing), but one shape for every draw, so compiled blocks compile once.
 
 Inference (eval mode, ``delta_weight``, merge) uses ``inference_rank`` (default r). Change it after
 training with :func:`set_inference_rank`, which also updates the config so ``save`` records it.
@@ -69,6 +71,8 @@ class DyLoRAAdapter(LayerAdapter):
         self.max_rank = config.r
         self.alpha = config.alpha
         self.update_all = config.update == "all"
+        self.register_buffer("positions", torch.arange(config.r, device=site.device), persistent=False)
+        self.register_buffer("sampled_rank", torch.tensor(config.r, device=site.device), persistent=False)
         self.train_rank = config.r  # set by the config's on_step
         self.inference_rank = config.rank_for_inference
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -81,21 +85,38 @@ class DyLoRAAdapter(LayerAdapter):
         with torch.no_grad():
             self.lora_A.copy_(init)
 
-    def rank(self) -> int:
-        return self.train_rank if self.training else self.inference_rank
+    @property
+    def train_rank(self) -> int:
+        return self._train_rank
 
-    def factors(self, rank: int, train: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The leading ``rank`` rows of A and columns of B (earlier ones detached in 'last' mode)."""
-        a, b = self.lora_A[:rank], self.lora_B[:, :rank]
-        if train and not self.update_all and rank > 1:
-            a = torch.cat([a[: rank - 1].detach(), a[rank - 1:]], 0)
-            b = torch.cat([b[:, : rank - 1].detach(), b[:, rank - 1:]], 1)
-        return a, b
+    @train_rank.setter
+    def train_rank(self, rank: int) -> None:
+        self._train_rank = rank
+        with torch.no_grad():
+            self.sampled_rank.fill_(rank)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leading ``rank`` rows of A and columns of B."""
+        return self.lora_A[:rank], self.lora_B[:, :rank]
+
+    def training_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All r rows of A and columns of B, zero beyond the sampled rank b and, in 'last' mode, detached
+        before it. The rank rides in a tensor and the shapes stay r: truncating to a Python int b would make
+        compiled blocks recompile for every draw (and fall back to eager past dynamo's recompile limit)."""
+        rank, a, b = self.sampled_rank, self.lora_A, self.lora_B
+        if self.update_all:
+            keep = (self.positions < rank).to(a.dtype)
+            return a * keep[:, None], b * keep
+        trained, frozen = ((self.positions == rank - 1).to(a.dtype), (self.positions < rank - 1).to(a.dtype))
+        return (a * trained[:, None] + a.detach() * frozen[:, None],
+                b * trained + b.detach() * frozen)
 
     def forward(self, layer, x, base):
-        rank = self.rank()
-        a, b = self.factors(rank, train=self.training)
-        return base(x) + linear(linear(self.dropout(x), a), b) * (self.alpha / rank)
+        if self.training:
+            (a, b), scale = self.training_factors(), self.alpha / self.sampled_rank
+        else:
+            (a, b), scale = self.factors(self.inference_rank), self.alpha / self.inference_rank
+        return base(x) + linear(linear(self.dropout(x), a), b) * scale
 
     def delta_weight(self, layer) -> torch.Tensor:
         a, b = self.factors(self.inference_rank)

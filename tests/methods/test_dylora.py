@@ -122,3 +122,34 @@ def test_trainable_count_on_llama_7b_shapes():
     assert config.trainable_count(4096, 4096) == 65_536
     q_v = 2 * config.trainable_count(4096, 4096) * 32
     assert q_v == 4_194_304  # default targets q, v; 32 layers
+
+
+@pytest.mark.parametrize("update", ["last", "all"])
+def test_training_output_at_each_sampled_rank_is_the_truncated_lora(update):
+    model = peftlab.adapt(tiny_llama(), "dylora", r=4, alpha=8.0, update=update)
+    _randomise_b(model)
+    model.train()
+    adapter = next(iter(_adapters(model).values()))
+    x = torch.randn(5, adapter.lora_A.shape[1])
+    layer = torch.nn.Linear(adapter.lora_A.shape[1], adapter.lora_B.shape[0]).requires_grad_(False)
+    for rank in (1, 2, 3, 4):
+        adapter.train_rank = rank
+        a, b = adapter.lora_A.detach()[:rank], adapter.lora_B.detach()[:, :rank]
+        expected = layer(x) + (8.0 / rank) * x @ a.T @ b.T
+        assert torch.allclose(adapter(layer, x, layer), expected, atol=1e-6)
+
+
+def test_compiled_training_does_not_recompile_for_each_sampled_rank():
+    from torch._dynamo.testing import CompileCounter
+
+    model = peftlab.adapt(tiny_llama(), "dylora", r=4)
+    model.train()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    inputs = make_inputs("llama")
+    torch._dynamo.reset()
+    for step in range(6):
+        api.on_step(model, TrainingStep(step, 6, 1e-3, 1e-3))
+        compiled(**inputs)
+    assert len({peftlab.adapters(model)["default"].sample_rank(s) for s in range(6)}) > 1  # ranks did change
+    assert counter.frame_count == 1
