@@ -62,6 +62,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, check, check_positive_ints, config_field
 from peftlab.core.registry import register
+from peftlab.core.stacked import gram_gaps, shape_groups
 
 ORTH_FORMS = ("gram", "reference")
 
@@ -114,28 +115,20 @@ class KaSAAdapter(LayerAdapter):
         return self.update_weight() - self.tail_weight()
 
 
-FactorGroup = tuple[bool, list[nn.Parameter]]  # (rows orthonormal, i.e. A; else columns, i.e. B), factors
-
-
-def _factor_groups(layers: list[KaSAAdapter]) -> list[FactorGroup]:
-    """The A and B factors, grouped so that each group stacks into one tensor: every layer of a projection
-    shares its shapes, so the number of groups (and of ops in the regulariser) does not grow with depth."""
-    groups: dict[tuple, list[nn.Parameter]] = {}
-    for layer in layers:
-        for rows, factor in ((True, layer.lora_A), (False, layer.lora_B)):
-            groups.setdefault((rows, factor.shape, factor.dtype, factor.device), []).append(factor)
-    return [(key[0], factors) for key, factors in groups.items()]
-
-
 def _squared_gaps(factors: list[nn.Parameter], rows: bool, eye: torch.Tensor, reference: bool) -> torch.Tensor:
-    """‖AAᵀ − I_r‖_F² (rows) or ‖BᵀB − I_r‖_F² of each factor, fp32; with ``reference``, ‖AᵀA − I_in‖_F² or
-    ‖BBᵀ − I_out‖_F², which exceed them by the constant n − r (n = in or out)."""
+    """‖AAᵀ − I_r‖_F² (rows) or ‖BᵀB − I_r‖_F² of each factor of one shape, fp32; with ``reference``,
+    ‖AᵀA − I_in‖_F² or ‖BBᵀ − I_out‖_F², which exceed them by the constant n − r (n = in or out)."""
     stacked = torch.stack(factors).float()
-    # Bᵀ B is formed from B's stack as stored: a transposed stack would hand every layer a transposed gradient
-    # slice, which autograd then copies into its parameter's layout (two ops per layer).
-    wide, tall = (stacked, stacked.mT) if rows else (stacked.mT, stacked)  # r x n, n x r
-    gaps = torch.baddbmm(eye, wide, tall, beta=-1).pow(2).sum((1, 2))  # −I + Gram in one kernel
-    return gaps + (wide.shape[-1] - wide.shape[-2]) if reference else gaps
+    gaps = gram_gaps(stacked, rows, eye).pow(2).sum((1, 2))
+    return gaps + (stacked.shape[2 if rows else 1] - eye.shape[0]) if reference else gaps
+
+
+def _all_squared_gaps(layers: list[KaSAAdapter], eye: torch.Tensor, reference: bool) -> torch.Tensor:
+    """``_squared_gaps`` of every layer's A and B, one batched Gram per factor shape."""
+    gaps = []
+    for rows, factors in ((True, [a.lora_A for a in layers]), (False, [a.lora_B for a in layers])):
+        gaps += [_squared_gaps([factors[i] for i in group], rows, eye, reference) for group in shape_groups(factors)]
+    return torch.cat(gaps)
 
 
 def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
@@ -197,8 +190,7 @@ class KaSA(LayerMethod):
         device = layers[0].lora_diag.device
         with torch.autocast(device.type, enabled=False):  # fp32 even inside a bf16 autocast region
             eye = torch.eye(self.r, device=device)
-            reference = self.orth_form == "reference"
-            gaps = torch.cat([_squared_gaps(factors, rows, eye, reference) for rows, factors in _factor_groups(layers)])
+            gaps = _all_squared_gaps(layers, eye, self.orth_form == "reference")
             diag = torch.stack([a.lora_diag for a in layers]).float()
             total = self.beta * diag.pow(2).sum() + self.gamma * _safe_sqrt(gaps).sum()
         return total / len(layers)

@@ -63,6 +63,7 @@ from peftlab.core.errors import ConfigError
 from peftlab.core.layers import linear, weight_matrix
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, check_positive_ints, config_field
 from peftlab.core.registry import register
+from peftlab.core.stacked import gram_gaps, shape_groups
 
 ORTH_MODES = ("step", "loss")
 
@@ -116,23 +117,20 @@ FactorGroup = tuple[str, list[nn.Parameter]]  # ("A" or "B", the factors of that
 
 
 def factor_groups(adapters) -> list[FactorGroup]:
-    """The A and B factors, grouped so that each group stacks into one tensor: every layer of a projection
-    shares its shapes, so the number of groups (and of ops computing L_orth) does not grow with depth."""
-    groups: dict[tuple, list[nn.Parameter]] = {}
-    for adapter in adapters:
-        if isinstance(adapter, SORSAAdapter):
-            for name in ("A", "B"):
-                factor = getattr(adapter, name)
-                groups.setdefault((name, factor.shape, factor.dtype, factor.device), []).append(factor)
-    return [(key[0], factors) for key, factors in groups.items()]
+    """The A and B factors, grouped by shape so that each group stacks into one tensor."""
+    mods = [a for a in adapters if isinstance(a, SORSAAdapter)]
+    groups = []
+    for name in ("A", "B"):
+        factors = [getattr(a, name) for a in mods]
+        groups += [(name, [factors[i] for i in group]) for group in shape_groups(factors)]
+    return groups
 
 
 def deviations(stacked: torch.Tensor, name: str) -> torch.Tensor:
     """‖A Aᵀ − I‖_F or ‖Bᵀ B − I‖_F of each matrix of a stack of A or B factors, in fp32."""
     with torch.autocast(stacked.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-        m = stacked.float()
-        gram = m @ m.mT if name == "A" else m.mT @ m
-        return torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=m.device))
+        rank = stacked.shape[1 if name == "A" else 2]
+        return torch.linalg.matrix_norm(gram_gaps(stacked.float(), name == "A", torch.eye(rank, device=stacked.device)))
 
 
 def mean_deviation(groups: list[FactorGroup], stacks: list[torch.Tensor]) -> torch.Tensor:

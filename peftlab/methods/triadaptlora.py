@@ -84,6 +84,7 @@ from peftlab.core.layers import low_rank_update
 from peftlab.core.method import LayerAdapter, LayerMethod, Site, TrainingStep, check, config_field
 from peftlab.core.registry import register
 from peftlab.core.seeding import generator
+from peftlab.core.stacked import gram_gaps, shape_groups
 
 GROWTH = ("linear", "non-linear")
 A_STD = 0.02
@@ -144,8 +145,7 @@ class TriAdaptLoRAAdapter(LayerAdapter):
         in-place write bumps it: ``grow``, ``load_state_dict``) or the tensor is replaced (a move)."""
         if torch.compiler.is_compiling() or self.active_rank.is_inference():
             return self._folded_masks()
-        rank = self.active_rank
-        key = (id(rank), rank.data_ptr(), rank._version, self.lower.dtype, self.lower.device)
+        key = (*self._rank_key(), self.lower.dtype, self.lower.device)
         cache = self.__dict__.get("_masks_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -242,22 +242,23 @@ def importance_scores(layers: list[TriAdaptLoRAAdapter]) -> list[float]:
 
 
 def orthogonality(layers: list[TriAdaptLoRAAdapter]) -> torch.Tensor:
-    """‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F of every layer on its active factors (I the active diagonal), batched
-    over the layers whose A and B shapes match (one group per projection type)."""
-    groups: dict[tuple, list[int]] = {}
-    for index, a in enumerate(layers):
-        groups.setdefault((a.lora_A.shape, a.lora_B.shape), []).append(index)
-    terms = [None] * len(layers)
-    for indices in groups.values():
-        group = [layers[i] for i in indices]
-        m = _active_masks(group)
-        a = _stacked(group, "lora_A").float() * m[:, :, None]
-        b = _stacked(group, "lora_B").float() * m[:, None, :]
-        eye = torch.diag_embed(m)
-        values = torch.linalg.matrix_norm(a @ a.mT - eye) + torch.linalg.matrix_norm(b.mT @ b - eye)
-        for i, value in zip(indices, values.unbind()):
-            terms[i] = value
-    return torch.stack(terms)
+    """‖A Aᵀ − I‖_F + ‖Bᵀ B − I‖_F of every layer on its active factors (I the active diagonal)."""
+    return _active_gram_norms(layers, "lora_A") + _active_gram_norms(layers, "lora_B")
+
+
+def _active_gram_norms(layers: list[TriAdaptLoRAAdapter], name: str) -> torch.Tensor:
+    """‖A Aᵀ − I‖_F (``lora_A``) or ‖Bᵀ B − I‖_F (``lora_B``) of every layer on its active ranks, one batched
+    Gram per factor shape, in the layers' order."""
+    rows = name == "lora_A"
+    norms = [None] * len(layers)
+    for group in shape_groups([getattr(a, name) for a in layers]):
+        members = [layers[i] for i in group]
+        m = _active_masks(members)
+        factors = _stacked(members, name).float() * (m[:, :, None] if rows else m[:, None, :])
+        values = torch.linalg.matrix_norm(gram_gaps(factors, rows, torch.diag_embed(m)))
+        for i, value in zip(group, values.unbind()):
+            norms[i] = value
+    return torch.stack(norms)
 
 
 @register
