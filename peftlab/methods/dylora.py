@@ -87,11 +87,10 @@ class DyLoRAAdapter(LayerAdapter):
 
     @property
     def train_rank(self) -> int:
-        return self._train_rank
+        return int(self.sampled_rank)
 
     @train_rank.setter
     def train_rank(self, rank: int) -> None:
-        self._train_rank = rank
         with torch.no_grad():
             self.sampled_rank.fill_(rank)
 
