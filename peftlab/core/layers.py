@@ -25,11 +25,6 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-# Half-precision products whose rank-sized strides are not a multiple of 16 bytes cannot take Hopper's TMA
-# GEMM kernels (TMA needs 16-byte-aligned strides) and run slower ones: ranks are padded to this many
-# elements with zero rows of A and columns of B, which change no product.
-RANK_ALIGNMENT = 8
-
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 
 
@@ -119,17 +114,7 @@ def low_rank_update(layer: nn.Module, x: torch.Tensor, base, a: torch.Tensor, b:
     dropping = isinstance(dropout, nn.Dropout) and dropout.training
     if folded and not dropping and folds_low_rank(layer, x):
         return folded_low_rank(layer, x, a, b, scale)
-    a, b = rank_aligned(a.to(x.dtype), b.to(x.dtype))
     return add_product(base(x), linear(dropout(x) if dropping else x, a), b, scale)
-
-
-def rank_aligned(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (r x in) and B (out x r) in half precision with r padded by zeros to a multiple of ``RANK_ALIGNMENT``
-    (rank one keeps its own outer-product path, ``add_product``)."""
-    extra = -a.shape[0] % RANK_ALIGNMENT
-    if extra == 0 or a.shape[0] == 1 or a.element_size() > 2:
-        return a, b
-    return nn.functional.pad(a, (0, 0, 0, extra)), nn.functional.pad(b, (0, extra))
 
 
 def apply_dense_delta(layer: nn.Module, x: torch.Tensor, base, delta: torch.Tensor, *, folded: bool,
@@ -250,7 +235,7 @@ def folded_low_rank(layer: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch
     else:
         folded = _KeptFold.apply if keeps_merged_weight(weight_matrix(layer), x) else _folded_low_rank_op
     bias = layer.bias if gain is None else None
-    product = folded(x, weight_matrix(layer), bias, *rank_aligned(a.to(dtype), (b * scale).to(dtype)))
+    product = folded(x, weight_matrix(layer), bias, a.to(dtype), (b * scale).to(dtype))
     if gain is None:
         return product
     gain = gain.to(dtype)
