@@ -32,6 +32,12 @@ def test_the_command_line_hands_bench_options_to_the_benchmark(capsys):
     assert exit_info.value.code == 0 and "--shapes" in capsys.readouterr().out
 
 
+def test_cuda_graphs_without_compile_is_refused_before_any_model_is_built(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cpu", "--shapes", "tiny-llama", "--cuda-graphs"])
+    assert exit_info.value.code == 2 and "add --compile" in capsys.readouterr().err
+
+
 def test_distributed_step_script_runs_one_process_on_the_cpu(tmp_path):
     """The 2-GPU benchmark's harness (benchmarks/distributed_step.py), in one process: a row with the losses."""
     from benchmarks import distributed_step

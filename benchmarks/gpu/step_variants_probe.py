@@ -3,8 +3,8 @@
 * usual: as peftlab runs it (without an activation budget, the fold keeps forward's W + s·B A for backward
   where it is no larger than the layer's input);
 * rebuild: the fold builds W + s·B A again in backward, as it does under an activation budget;
-* graphs: blocks compiled as CUDA graphs (torch.compile mode "reduce-overhead"), which launch a block's
-  kernels at once: how much of the usual step the host's launching costs.
+* graphs: blocks replayed as CUDA graphs (SupervisedLoss's cuda_graphs), which launch a block's kernels at
+  once: how much of the usual step the host's launching costs.
 
 One line per variant: tokens/s and peak memory; "usual" runs first and last to show the drift.
 `python benchmarks/gpu/step_variants_probe.py [--steps N] [--variants usual,rebuild,...]`."""
@@ -26,15 +26,9 @@ KEEPS_MERGED = layers.keeps_merged_weight
 def run(model, batch, variant: str, steps: int) -> None:
     layers.keeps_merged_weight = (lambda weight, x: False) if variant == "rebuild" else KEEPS_MERGED
     peftlab.adapt(model, "lora", **LORA)
-    loss_fn = SupervisedLoss(model, compile_body=True)
-    graphs = variant == "graphs"
-    if graphs:
-        for block in loss_fn.compiled:
-            block.module.compile(mode="reduce-overhead")
+    loss_fn = SupervisedLoss(model, compile_body=True, cuda_graphs=variant == "graphs")
 
     def step():
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         total, count = loss_fn(batch)
         (total / count).backward()
 

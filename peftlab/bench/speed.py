@@ -134,8 +134,17 @@ def time_steps(step, params, warmup: int, steps: int) -> tuple[float, float | No
     return seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
-def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compiled: bool,
-                activation_budget: float | None = None, offload: bool = False):
+@dataclass
+class Settings:
+    """How peftlab runs its steps (SupervisedLoss's options of the same names)."""
+
+    compiled: bool = False
+    activation_budget: float | None = None
+    offload: bool = False
+    cuda_graphs: bool = False
+
+
+def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, settings: Settings):
     from peftlab.train.loss import SupervisedLoss
 
     config = peftlab.method_class(method)(**OPTIONS.get(method, {}))
@@ -144,8 +153,8 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     if getattr(config, "needs_calibration", False):
         extra["calibration"] = [{k: v[:2] for k, v in batch.items() if k != "labels"}]
     peftlab.adapt(model, config, **extra)
-    loss_fn = SupervisedLoss(model, compile_body=compiled, activation_budget=activation_budget,
-                             offload_activations=offload)
+    loss_fn = SupervisedLoss(model, compile_body=settings.compiled, activation_budget=settings.activation_budget,
+                             offload_activations=settings.offload, cuda_graphs=settings.cuda_graphs)
 
     steps_done = itertools.count(NOMINAL_TOTAL_STEPS // 2)
 
@@ -164,7 +173,7 @@ def peftlab_run(model, method: str, batch: dict, warmup: int, steps: int, compil
     finally:
         loss_fn.release()  # PEFT's run on this model must not inherit compiled blocks
         peftlab.delete(model, "default")
-        if compiled:  # every method recompiles the blocks: keep dynamo's per-code cache limit out of the way
+        if settings.compiled:  # every method recompiles the blocks: keep dynamo's per-code cache limit out of the way
             torch._dynamo.reset()
 
 
@@ -188,8 +197,7 @@ def peft_run(model, method: str, batch: dict, warmup: int, steps: int):
 
 
 def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: int, seq: int, warmup: int,
-                steps: int, checkpointing: bool, compiled: bool, peak: float, device: torch.device,
-                activation_budget: float | None = None, offload: bool = False) -> list[Row]:
+                steps: int, checkpointing: bool, settings: Settings, peak: float, device: torch.device) -> list[Row]:
     model, config = build_model(shape, checkpointing, device)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -200,8 +208,7 @@ def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: in
         note = []
         if "peftlab" in impls:
             try:
-                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, compiled, activation_budget,
-                                                offload)
+                seconds, peak_gib = peftlab_run(model, method, batch, warmup, steps, settings)
                 tok_s = batch_size * seq / seconds
                 lora_step = seconds if method == "lora" else lora_step
             except torch.OutOfMemoryError:
@@ -265,19 +272,23 @@ def main(argv: list[str] | None = None) -> int:
                              "--checkpointing: 0, keeping only block inputs as checkpointing does)")
     parser.add_argument("--offload-activations", action="store_true",
                         help="peftlab keeps what backward reads in host memory (peftlab.train.offload)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="peftlab's compiled blocks replay as CUDA graphs (needs --compile)")
     parser.add_argument("--output", default=f"benchmarks/results/speed-{datetime.date.today()}")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to check the harness itself")
     args = parser.parse_args(argv)
+    if args.cuda_graphs and not args.compile:
+        parser.error("--cuda-graphs replays compiled blocks: add --compile")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("peftlab bench speed needs a CUDA GPU")
     peak = bf16_peak_tflops(device, 8192 if device.type == "cuda" else 256)
     methods = peftlab.methods() if args.methods == "all" else args.methods.split(",")
+    settings = Settings(args.compile, args.activation_budget, args.offload_activations, args.cuda_graphs)
     rows = []
     for shape in args.shapes.split(","):
         rows += bench_shape(shape, methods, args.impl.split(","), args.batch, args.seq, args.warmup, args.steps,
-                            args.checkpointing, args.compile, peak, device, args.activation_budget,
-                            args.offload_activations)
+                            args.checkpointing, settings, peak, device)
     command = "python -m peftlab.bench.speed " + " ".join(argv or __import__("sys").argv[1:])
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"command": command, "device": name, "bf16_peak_tflops": round(peak, 1),

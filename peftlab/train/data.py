@@ -133,9 +133,11 @@ def epoch_batches(lengths: list[int], micro_batch_size: int, *, seed: int, epoch
     return batches
 
 
-def collate(sequences: list[Sequence], pad_id: int, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (and task_ids when ``tasks`` names them)."""
-    width = max(len(s) for s in sequences)
+def collate(sequences: list[Sequence], pad_id: int, tasks: list[str] | None = None,
+            width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (and task_ids when ``tasks`` names them), as wide
+    as the longest sequence or ``width`` if that is wider."""
+    width = max(width or 0, *(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -165,10 +167,12 @@ def pack(sequences: list[Sequence], cutoff_len: int) -> list[list[Sequence]]:
     return rows
 
 
-def collate_packed(rows: list[list[Sequence]], pad_id: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def collate_packed(rows: list[list[Sequence]], pad_id: int, dtype: torch.dtype,
+                   width: int | None = None) -> dict[str, torch.Tensor]:
     """Packed rows with per-sequence positions and a block-diagonal causal 4-D mask, so packed
-    sequences never attend to each other whatever the attention implementation."""
-    width = max(sum(len(s) for s in row) for row in rows)
+    sequences never attend to each other whatever the attention implementation; as wide as the longest
+    row or ``width`` if that is wider."""
+    width = max(width or 0, *(sum(len(s) for s in row) for row in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)

@@ -20,6 +20,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class TrainArgs:
     compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
     activation_budget: float | None = None  # compiled blocks: share of activations kept (0: checkpointing)
     offload_activations: bool = False  # what backward reads waits in host memory (GPU; pays with checkpointing)
+    cuda_graphs: bool = False  # compiled blocks replay as CUDA graphs; batches are padded to cutoff_len
     shard: bool = False  # under torchrun: split the frozen transformer blocks across ranks (FSDP2)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
@@ -97,6 +99,10 @@ class TrainArgs:
         if self.activation_budget is not None and not self.compile:
             raise PeftlabError("activation_budget sets what compiled blocks keep for backward: it needs compile")
         check_activation_budget(self.activation_budget)
+        if self.cuda_graphs and not self.compile:
+            raise PeftlabError("cuda_graphs replays compiled blocks: it needs compile")
+        if self.cuda_graphs and self.offload_activations:
+            raise PeftlabError("cuda_graphs and offload_activations together are not supported: choose one")
 
     @classmethod
     def fields(cls) -> set[str]:
@@ -181,6 +187,9 @@ class Trainer:
             model.to(self.dist.device)  # each rank on its own GPU, whatever device the caller loaded to
         self.model, self.tokenizer = model, tokenizer
         self._place(next(model.parameters()).device)
+        if args.cuda_graphs and self.device.type != "cuda":
+            warnings.warn("cuda_graphs: the model is not on a CUDA device; compiled blocks run without graphs",
+                          stacklevel=2)
         self._prepare_data()
 
     def _place(self, device: torch.device) -> None:
@@ -211,11 +220,13 @@ class Trainer:
         self.total_steps = args.max_steps or max(1, math.ceil(total_micro / self.micro_per_step))
 
     def _collate(self, units: list[list[Sequence]]) -> dict[str, torch.Tensor]:
+        # CUDA graphs are recorded per input shape: one width keeps them to one recording
+        width = self.args.cutoff_len if self.args.cuda_graphs else None
         if self.args.packing:
             mask_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            batch = collate_packed(units, self.pad_id, mask_dtype)
+            batch = collate_packed(units, self.pad_id, mask_dtype, width)
         else:
-            batch = collate([u[0] for u in units], self.pad_id, self.tasks)
+            batch = collate([u[0] for u in units], self.pad_id, self.tasks, width)
         if self.device.type != "cuda":
             return {k: v.to(self.device) for k, v in batch.items()}
         # From pinned memory the copy is queued behind the GPU's work; from pageable memory the host waits for it.
@@ -311,7 +322,7 @@ class Trainer:
         else:
             metrics = _NoMetrics()
         loss_fn = SupervisedLoss(self.model, compile_body=args.compile, activation_budget=args.activation_budget,
-                                 offload_activations=args.offload_activations)
+                                 offload_activations=args.offload_activations, cuda_graphs=args.cuda_graphs)
         stream = self._micro_batches(epoch, cursor)
         self.model.train()
         last_loss, val_loss, started, verified = float("nan"), None, time.perf_counter(), False

@@ -30,13 +30,17 @@ from .offload import ActivationOffload
 
 class SupervisedLoss:
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile_body: bool = False,
-                 activation_budget: float | None = None, offload_activations: bool = False):
+                 activation_budget: float | None = None, offload_activations: bool = False,
+                 cuda_graphs: bool = False):
         """``compile_body``: compile the transformer blocks (fuses the norms, rotary embeddings and
         activations that eager mode runs as many small kernels, and recomputes the cheap ones in
         backward instead of keeping them). ``activation_budget``: see ``compile_blocks``.
         ``offload_activations``: keep what the model saves for backward in host memory
-        (peftlab.train.offload; a CUDA model)."""
+        (peftlab.train.offload; a CUDA model). ``cuda_graphs``: compiled blocks replay as CUDA graphs
+        (see ``compile_blocks``); each call is one step of their replays."""
+        _check_cuda_graphs(cuda_graphs, compile_body, offload_activations)
         self.model = model
+        self.cuda_graphs = cuda_graphs
         self.offload = _offload(model) if offload_activations else None
         self.chunk_tokens = chunk_tokens
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -44,7 +48,7 @@ class SupervisedLoss:
         self.body = model.get_submodule(path) if path and self.head is not None else None
         self.compiled: list[CompiledBlock] = []
         if compile_body and self.body is not None:
-            self.compiled = compile_blocks(self.body, activation_budget)
+            self.compiled = compile_blocks(self.body, activation_budget, cuda_graphs)
         # Only reentrant checkpointing needs the embeddings' output to require grad (else a checkpointed block
         # sees no input that does, and its adapters get no gradient). Otherwise that output is a leaf that
         # autograd keeps through the step (64 MiB on an 8B Llama at 4 x 2048 tokens) and backward computes the
@@ -75,6 +79,8 @@ class SupervisedLoss:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of supervised tokens) for one micro-batch."""
+        if self.cuda_graphs:  # the last call's graph outputs are dead: their memory may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         targets = batch["labels"][:, 1:]
         selected = targets != IGNORE
@@ -162,7 +168,8 @@ class CompiledBlock:
             self.module.gradient_checkpointing = True
 
 
-def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> list[CompiledBlock]:
+def compile_blocks(body: nn.Module, activation_budget: float | None = None,
+                   cuda_graphs: bool = False) -> list[CompiledBlock]:
     """torch.compile each repeated block of ``body`` in place (else the whole body); returns what it compiled.
 
     One compiled block serves every layer (same code, same shapes), so compilation takes seconds;
@@ -178,6 +185,11 @@ def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> l
     weight's input gradient needs only the weight). The budget is read when a
     block is first compiled: blocks of a class already compiled in this process keep the budget they
     were compiled with until ``torch._dynamo.reset()``.
+
+    ``cuda_graphs``: compile in torch's "reduce-overhead" mode, which records each block's forward and
+    backward kernels as CUDA graphs and replays them, so the host launches a block at once instead of
+    kernel by kernel (on CPU, compiled code runs as usual). Each new input shape records new graphs:
+    feed fixed shapes. LoRA on the 1B shape (H100, c2c190c): 86.9k tokens/s against 77.6k to 80.5k.
     """
     check_activation_budget(activation_budget)
     blocks = []
@@ -186,11 +198,18 @@ def compile_blocks(body: nn.Module, activation_budget: float | None = None) -> l
         budget = 0.0 if checkpointed and activation_budget is None else activation_budget
         if checkpointed:
             module.gradient_checkpointing = False
-        module.compile()
+        module.compile(mode="reduce-overhead" if cuda_graphs else None)
         if budget is not None:
             module._compiled_call_impl = _within_budget(module._compiled_call_impl, budget)
         blocks.append(CompiledBlock(module, checkpointed))
     return blocks
+
+
+def _check_cuda_graphs(cuda_graphs: bool, compiled: bool, offloaded: bool) -> None:
+    if cuda_graphs and not compiled:
+        raise ConfigError("cuda_graphs replays compiled blocks: it needs compile")
+    if cuda_graphs and offloaded:  # the graphs own their memory; the offload's copies would race the replays
+        raise ConfigError("cuda_graphs and offload_activations together are not supported: choose one")
 
 
 def check_activation_budget(budget: float | None) -> None:
