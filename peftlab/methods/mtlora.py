@@ -243,7 +243,12 @@ def _checked_ids(method: str, count: int, ids: torch.Tensor, batch: int) -> torc
     return ids.long()
 
 
-@torch.library.custom_op("peftlab::task_ids", mutates_args=())
+# A CUDA graph would replay the ids it saw when it was recorded: the tag keeps the op out of graphs (torch
+# then records the code around it, or runs the block without graphs).
+_OUTSIDE_CUDA_GRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+@torch.library.custom_op("peftlab::task_ids", mutates_args=(), tags=_OUTSIDE_CUDA_GRAPHS)
 def _traced_task_ids(method: str, count: int, default: int, batch: int, device: torch.device,
                      required: bool) -> torch.Tensor:
     """TaskSelector.traced_ids as an op (default < 0: none). The ops of one compiled block have the same

@@ -210,6 +210,9 @@ def _check_cuda_graphs(cuda_graphs: bool, compiled: bool, offloaded: bool) -> No
         raise ConfigError("cuda_graphs replays compiled blocks: it needs compile")
     if cuda_graphs and offloaded:  # the graphs own their memory; the offload's copies would race the replays
         raise ConfigError("cuda_graphs and offload_activations together are not supported: choose one")
+    if cuda_graphs and not hasattr(torch.Tag, "cudagraph_unsafe"):  # task ids must stay out of the graphs
+        raise ConfigError(f"cuda_graphs needs a torch that can keep an op out of CUDA graphs "
+                          f"(torch.Tag.cudagraph_unsafe); this is torch {torch.__version__}")
 
 
 def check_activation_budget(budget: float | None) -> None:
