@@ -5,6 +5,7 @@
 #    (METHODS_1B: a comma list, default lora,dora,ia3);
 # B: the whole zoo on the 1B shape, step time relative to LoRA, eager;
 # C: the same with the transformer blocks compiled (METHODS: a comma list, LoRA first; default all).
+# GRAPHS=1: peftlab's compiled blocks replay as CUDA graphs (A's 1B run and C).
 # Each step has its own time limit so that one slow step cannot take the others' results with it.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -18,14 +19,15 @@ if [ "${1:-A}" = A ]; then
     bench 110 --shapes llama-3.1-8b --methods lora --batch 4 --seq 2048 --compile --activation-budget "$budget" \
       --impl peftlab --output "$OUT/speed-8b-budget-$budget"
   done
-  bench 170 --shapes llama-3.2-1b --methods "${METHODS_1B:-lora,dora,ia3}" --compile --output "$OUT/speed-1b"
+  bench 170 --shapes llama-3.2-1b --methods "${METHODS_1B:-lora,dora,ia3}" --compile ${GRAPHS:+--cuda-graphs} \
+    --output "$OUT/speed-1b"
 else
   ALL=$(python3 -c "import peftlab; print(','.join(['lora'] + [m for m in peftlab.methods() if m != 'lora']))")
   if [ "$1" = B ]; then
     bench 280 --shapes llama-3.2-1b --methods "${METHODS:-$ALL}" --impl peftlab --warmup 2 --steps 5 \
       --output "$OUT/speed-1b-zoo"
   else
-    bench "${LIMIT:-560}" --shapes llama-3.2-1b --methods "${METHODS:-$ALL}" --impl peftlab --compile --warmup 2 \
-      --steps 4 --output "$OUT/speed-1b-zoo-compiled${PART:-}"
+    bench "${LIMIT:-560}" --shapes llama-3.2-1b --methods "${METHODS:-$ALL}" --impl peftlab --compile \
+      ${GRAPHS:+--cuda-graphs} --warmup 2 --steps 4 --output "$OUT/speed-1b-zoo-compiled${PART:-}"
   fi
 fi
