@@ -245,7 +245,7 @@ def _checked_ids(method: str, count: int, ids: torch.Tensor, batch: int) -> torc
 
 # A CUDA graph would replay the ids it saw when it was recorded: the tag keeps the op out of graphs (torch
 # then records the code around it, or runs the block without graphs).
-_OUTSIDE_CUDA_GRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+_OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 @torch.library.custom_op("peftlab::task_ids", mutates_args=(), tags=_OUTSIDE_CUDA_GRAPHS)

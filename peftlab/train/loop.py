@@ -39,7 +39,7 @@ from peftlab.core.tasks import task_ids
 
 from . import checkpoint, distributed
 from .data import Sequence, collate, collate_packed, epoch_batches, load_examples, pack, split_validation, tokenize
-from .loss import SupervisedLoss, check_activation_budget
+from .loss import SupervisedLoss, check_activation_budget, check_cuda_graphs
 
 
 class TrainingError(PeftlabError, RuntimeError):
@@ -99,10 +99,7 @@ class TrainArgs:
         if self.activation_budget is not None and not self.compile:
             raise PeftlabError("activation_budget sets what compiled blocks keep for backward: it needs compile")
         check_activation_budget(self.activation_budget)
-        if self.cuda_graphs and not self.compile:
-            raise PeftlabError("cuda_graphs replays compiled blocks: it needs compile")
-        if self.cuda_graphs and self.offload_activations:
-            raise PeftlabError("cuda_graphs and offload_activations together are not supported: choose one")
+        check_cuda_graphs(self.cuda_graphs, self.compile, self.offload_activations)
 
     @classmethod
     def fields(cls) -> set[str]:

@@ -38,7 +38,7 @@ class SupervisedLoss:
         ``offload_activations``: keep what the model saves for backward in host memory
         (peftlab.train.offload; a CUDA model). ``cuda_graphs``: compiled blocks replay as CUDA graphs
         (see ``compile_blocks``); each call is one step of their replays."""
-        _check_cuda_graphs(cuda_graphs, compile_body, offload_activations)
+        check_cuda_graphs(cuda_graphs, compile_body, offload_activations)
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.offload = _offload(model) if offload_activations else None
@@ -205,7 +205,7 @@ def compile_blocks(body: nn.Module, activation_budget: float | None = None,
     return blocks
 
 
-def _check_cuda_graphs(cuda_graphs: bool, compiled: bool, offloaded: bool) -> None:
+def check_cuda_graphs(cuda_graphs: bool, compiled: bool, offloaded: bool) -> None:
     if cuda_graphs and not compiled:
         raise ConfigError("cuda_graphs replays compiled blocks: it needs compile")
     if cuda_graphs and offloaded:  # the graphs own their memory; the offload's copies would race the replays
