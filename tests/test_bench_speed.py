@@ -60,3 +60,22 @@ def test_timed_steps_run_the_methods_training_hooks_as_the_trainer_does(tmp_path
     main(["--device", "cpu", "--shapes", "tiny-llama", "--methods", "triadaptlora", "--impl", "peftlab",
           "--batch", "2", "--seq", "16", "--warmup", "1", "--steps", "2", "--output", str(tmp_path / "s")])
     assert calls == ["on_step", "regularization", "before_optimizer_step"] * 3
+
+
+def test_rows_measured_before_an_interruption_are_on_disk(tmp_path, monkeypatch):
+    from peftlab.bench import speed
+
+    measure = speed.peftlab_run
+
+    def interrupted_at_dora(model, method, *args):
+        if method == "dora":
+            raise KeyboardInterrupt  # what a time limit's signal leaves of the run
+        return measure(model, method, *args)
+
+    monkeypatch.setattr(speed, "peftlab_run", interrupted_at_dora)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--shapes", "tiny-llama", "--methods", "lora,dora", "--impl", "peftlab",
+              "--batch", "2", "--seq", "16", "--warmup", "1", "--steps", "1", "--output", str(tmp_path / "s")])
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["lora"] and rows[0]["tok_s"] > 0
+    assert "| lora |" in (tmp_path / "s.md").read_text()

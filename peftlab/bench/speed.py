@@ -26,7 +26,9 @@ import datetime
 import gc
 import itertools
 import json
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,12 +199,14 @@ def peft_run(model, method: str, batch: dict, warmup: int, steps: int):
 
 
 def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: int, seq: int, warmup: int,
-                steps: int, checkpointing: bool, settings: Settings, peak: float, device: torch.device) -> list[Row]:
+                steps: int, checkpointing: bool, settings: Settings, peak: float,
+                device: torch.device) -> Iterator[Row]:
+    """One row per method, yielded as soon as it is measured."""
     model, config = build_model(shape, checkpointing, device)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     per_token = flops_per_token(model, config, seq)
-    rows, lora_step = [], None
+    lora_step = None
     for method in methods:
         tok_s = peak_gib = peft_tok_s = peft_peak = None
         note = []
@@ -229,11 +233,10 @@ def bench_shape(shape: str, methods: list[str], impls: list[str], batch_size: in
                   _round(tok_s / peft_tok_s, 3) if tok_s and peft_tok_s else None, _round(peak_gib, 2),
                   _round(peft_peak, 2), _round(tok_s * per_token / (peak * 1e12), 3) if tok_s else None,
                   _round(batch_size * seq / tok_s / lora_step, 3) if tok_s and lora_step else None, "; ".join(note))
-        rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
+        yield row
     del model
     _free()
-    return rows
 
 
 def _free() -> None:
@@ -285,22 +288,26 @@ def main(argv: list[str] | None = None) -> int:
     peak = bf16_peak_tflops(device, 8192 if device.type == "cuda" else 256)
     methods = peftlab.methods() if args.methods == "all" else args.methods.split(",")
     settings = Settings(args.compile, args.activation_budget, args.offload_activations, args.cuda_graphs)
+    command = "python -m peftlab.bench.speed " + " ".join(argv or sys.argv[1:])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
     for shape in args.shapes.split(","):
-        rows += bench_shape(shape, methods, args.impl.split(","), args.batch, args.seq, args.warmup, args.steps,
-                            args.checkpointing, settings, peak, device)
-    command = "python -m peftlab.bench.speed " + " ".join(argv or __import__("sys").argv[1:])
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = {"command": command, "device": name, "bf16_peak_tflops": round(peak, 1),
+        for row in bench_shape(shape, methods, args.impl.split(","), args.batch, args.seq, args.warmup, args.steps,
+                               args.checkpointing, settings, peak, device):
+            rows.append(row)
+            write_results(Path(args.output), command, name, peak, rows)  # each row: a time limit loses none
+    print(markdown(rows))
+    return 0
+
+
+def write_results(output: Path, command: str, device: str, peak: float, rows: list[Row]) -> None:
+    result = {"command": command, "device": device, "bf16_peak_tflops": round(peak, 1),
               "torch": torch.__version__, "rows": [asdict(r) for r in rows]}
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # Appended, not with_suffix: a stem like speed-budget-0.15 has a dot of its own.
     output.with_name(output.name + ".json").write_text(json.dumps(result, indent=1))
-    header = f"`{command}` on {result['device']} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
+    header = f"`{command}` on {device} (bf16 peak {peak:.0f} TFLOP/s)\n\n"
     output.with_name(output.name + ".md").write_text(header + markdown(rows))
-    print(markdown(rows))
-    return 0
 
 
 if __name__ == "__main__":
