@@ -371,9 +371,10 @@ def test_cuda_graphs_need_compile_and_no_offload():
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_cuda_graph_training_pads_to_cutoff_marks_each_micro_batch_and_equals_plain_training(
+def test_cuda_graph_training_pads_to_the_longest_row_marks_each_micro_batch_and_equals_plain_training(
         tmp_path, monkeypatch, packing):
-    """On CPU inductor runs no graphs (the trainer warns): what is left to check is the trainer's side."""
+    """On CPU inductor runs no graphs (the trainer warns): what is left to check is the trainer's side. Every
+    batch has one width, the data's longest row, however far below the cutoff that is."""
     modes, widths, marks = [], [], []
     original = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile",
@@ -387,14 +388,26 @@ def test_cuda_graph_training_pads_to_cutoff_marks_each_micro_batch_and_equals_pl
         torch.manual_seed(0)
         model = tiny_llama()
         args = args_for(tmp_path / str(graphs), method_options={"r": 4, "dropout": 0.0}, max_steps=2,
-                        save_every=0, compile=True, cuda_graphs=graphs, packing=packing)
+                        save_every=0, compile=True, cuda_graphs=graphs, packing=packing,
+                        cutoff_len=48 if packing else 512)  # packed rows fill the cutoff
         with pytest.warns(UserWarning, match="not on a CUDA device") if graphs else contextlib.nullcontext():
             train(args, model=model, tokenizer=char_tokenizer(), progress=False)
         trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
         if not graphs:
-            assert max(widths) < args.cutoff_len and not marks  # else padding to the cutoff would show nothing
-            plain_calls, widths[:] = len(widths), []
-    assert set(modes) == {None, "reduce-overhead"} and set(widths) == {48}
+            assert not marks
+            plain_calls, plain_widths, widths[:] = len(widths), list(widths), []
+    longest = longest_row(args, packing)
+    assert set(modes) == {None, "reduce-overhead"} and set(widths) == {longest}
+    assert min(plain_widths) < longest  # else padding to one width would show nothing
+    assert packing or longest < args.cutoff_len / 4  # the cutoff is not what sets the width
     assert len(marks) == plain_calls == 2 + 2 * 2  # verify's two forwards, then 2 steps of 2 micro-batches
     for name, value in trained[0].items():  # Adam magnifies the padded attention's rounding in tiny gradients
         torch.testing.assert_close(trained[1][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def longest_row(args: TrainArgs, packing: bool) -> int:
+    """The longest row the data makes, the same way as the trainer, but written out here."""
+    sequences = tokenize(load_examples(args.data, args.template, char_tokenizer()), char_tokenizer(),
+                         cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
+    rows = pack(sequences, args.cutoff_len) if packing else [[s] for s in sequences]
+    return max(sum(len(s) for s in row) for row in rows)

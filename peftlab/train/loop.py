@@ -76,7 +76,7 @@ class TrainArgs:
     compile: bool = False  # torch.compile each transformer block (GPU; fixed shapes help: see packing)
     activation_budget: float | None = None  # compiled blocks: share of activations kept (0: checkpointing)
     offload_activations: bool = False  # what backward reads waits in host memory (GPU; pays with checkpointing)
-    cuda_graphs: bool = False  # compiled blocks replay as CUDA graphs; batches are padded to cutoff_len
+    cuda_graphs: bool = False  # compiled blocks replay as CUDA graphs; batches are padded to the data's longest row
     shard: bool = False  # under torchrun: split the frozen transformer blocks across ranks (FSDP2)
     calibration_batches: int = 8
     save_every: int = 0  # steps; 0: no intermediate checkpoints
@@ -212,18 +212,20 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         units = pack(self.train_set, args.cutoff_len) if args.packing else [[s] for s in self.train_set]
         self.units = units
+        # CUDA graphs are recorded per input shape: one width for every batch keeps them to one recording. The
+        # data's longest row, not cutoff_len, so that a generous cutoff does not pad every row to it.
+        rows = [sum(len(s) for s in u) for u in units] + [len(s) for s in self.val_set]
+        self.graph_width = max(rows, default=None) if args.cuda_graphs else None
         self.micro_per_epoch = math.ceil(len(units) / args.micro_batch_size)
         total_micro = math.ceil(args.epochs * self.micro_per_epoch)
         self.total_steps = args.max_steps or max(1, math.ceil(total_micro / self.micro_per_step))
 
     def _collate(self, units: list[list[Sequence]]) -> dict[str, torch.Tensor]:
-        # CUDA graphs are recorded per input shape: one width keeps them to one recording
-        width = self.args.cutoff_len if self.args.cuda_graphs else None
         if self.args.packing:
             mask_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            batch = collate_packed(units, self.pad_id, mask_dtype, width)
+            batch = collate_packed(units, self.pad_id, mask_dtype, self.graph_width)
         else:
-            batch = collate([u[0] for u in units], self.pad_id, self.tasks, width)
+            batch = collate([u[0] for u in units], self.pad_id, self.tasks, self.graph_width)
         if self.device.type != "cuda":
             return {k: v.to(self.device) for k, v in batch.items()}
         # From pinned memory the copy is queued behind the GPU's work; from pageable memory the host waits for it.
