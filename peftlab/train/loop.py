@@ -212,9 +212,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         units = pack(self.train_set, args.cutoff_len) if args.packing else [[s] for s in self.train_set]
         self.units = units
+        self.unit_lengths = [sum(len(s) for s in u) for u in units]
         # CUDA graphs are recorded per input shape: one width for every batch keeps them to one recording. The
         # data's longest row, not cutoff_len, so that a generous cutoff does not pad every row to it.
-        rows = [sum(len(s) for s in u) for u in units] + [len(s) for s in self.val_set]
+        rows = self.unit_lengths + [len(s) for s in self.val_set]
         self.graph_width = max(rows, default=None) if args.cuda_graphs else None
         self.micro_per_epoch = math.ceil(len(units) / args.micro_batch_size)
         total_micro = math.ceil(args.epochs * self.micro_per_epoch)
@@ -234,7 +235,7 @@ class Trainer:
     def _micro_batches(self, epoch: int, cursor: int):
         """Endless stream of (epoch, cursor after it, units to collate, real tokens in them) from a data
         position; every rank walks the whole stream and collates only its own micro-batches."""
-        lengths = [sum(len(s) for s in u) for u in self.units]
+        lengths = self.unit_lengths
         while True:
             order = epoch_batches(lengths, self.args.micro_batch_size, seed=self.args.seed, epoch=epoch,
                                   group_by_length=self.args.group_by_length)
