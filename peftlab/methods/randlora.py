@@ -119,7 +119,11 @@ class SharedBases(nn.Module):
 
 
 class ScaledBasis(torch.autograd.Function):
-    """λ[:, :, None] · A · γ[None] (r, n, m) without keeping the product for backward (PEFT's UniqueBaseGrad)."""
+    """λ[:, :, None] · A · γ[None] (r, n, m) without keeping the product for backward (PEFT's UniqueBaseGrad).
+
+    Backward's two contractions are written as products and sums, which the compiler fuses into one pass over the
+    gradient each; as einsums they lowered to batched products of one row (matrix-vector work on the GEMM units)
+    and layout copies: 1.1 ms of bmm and 0.5 ms of copies per 1B step on an H100."""
 
     @staticmethod
     def forward(ctx, a, lam, gamma):
@@ -130,9 +134,8 @@ class ScaledBasis(torch.autograd.Function):
     def backward(ctx, grad):
         a, lam, gamma = ctx.saved_tensors
         a, lam, gamma = a.to(grad.dtype), lam.to(grad.dtype), gamma.to(grad.dtype)
-        grad_lam = torch.einsum("kbj,kvj,bj->kb", grad, a, gamma)
-        grad_gamma = torch.einsum("kbj,kvj,kb->bj", grad, a, lam)
-        return None, grad_lam, grad_gamma
+        along_basis = grad * a
+        return None, (along_basis * gamma).sum(-1), (along_basis * lam[:, :, None]).sum(0)
 
 
 class RandLoRAAdapter(LayerAdapter):
