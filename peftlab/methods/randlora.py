@@ -122,8 +122,8 @@ class ScaledBasis(torch.autograd.Function):
     """λ[:, :, None] · A · γ[None] (r, n, m) without keeping the product for backward (PEFT's UniqueBaseGrad).
 
     Backward's two contractions are written as products and sums, which the compiler fuses into one pass over the
-    gradient each; as einsums they lowered to batched products of one row (matrix-vector work on the GEMM units)
-    and layout copies: 1.1 ms of bmm and 0.5 ms of copies per 1B step on an H100."""
+    gradient each. As einsums they lowered to batched products of one row and copies: on an H100's compiled 1B
+    step, 1.3 ms of bmm, 0.8 ms of permuted inputs and 0.6 ms copying λ's transposed gradient to its layout."""
 
     @staticmethod
     def forward(ctx, a, lam, gamma):
