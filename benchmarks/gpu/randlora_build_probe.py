@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import triton
 import triton.language as tl
+from kernels_probe import milliseconds
 
 TOKENS = 8192
 SCALE = 20.0
@@ -23,18 +24,6 @@ SCALE = 20.0
 TRITON_CONFIGS = (((128, 128, 64), 8, 4), ((128, 256, 64), 8, 3), ((256, 128, 64), 8, 3), ((128, 128, 64), 4, 4),
                   ((128, 128, 128), 8, 3), ((64, 128, 64), 4, 4))
 LAYERS = (("gate/up", 8192, 2048, 32), ("down", 2048, 8192, 16), ("q/o", 2048, 2048, 32), ("k/v", 512, 2048, 32))
-
-
-def timed_us(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / repeats
 
 
 def factors(out_dim: int, in_dim: int):
@@ -113,7 +102,7 @@ def gradient_products(out_dim: int, in_dim: int, left, right) -> None:
     products = {"gᵀx": lambda: grad.T @ x,
                 "projection": (lambda: left.T @ g_weight) if trained_right else (lambda: g_weight @ right.T)}
     for product, fn in products.items():
-        us = timed_us(fn)
+        us = 1e3 * milliseconds(fn, repeats=50)
         print(f"{'':8s} {product:26s} {us:8.1f} us {flops[product] / us / 1e6:6.0f} TFLOP/s")
 
 
@@ -133,7 +122,7 @@ def main() -> None:
         weight, left, right = factors(out_dim, in_dim)
         build_flops = 2 * out_dim * in_dim * left.shape[1]
         for variant, fn in build_variants(weight, left, right).items():
-            us = timed_us(fn)
+            us = 1e3 * milliseconds(fn, repeats=50)
             totals[variant] = totals.get(variant, 0.0) + us * count
             print(f"{name:8s} build {variant:20s} {us:8.1f} us {build_flops / us / 1e6:6.0f} TFLOP/s")
         gradient_products(out_dim, in_dim, left, right)

@@ -10,7 +10,8 @@ from functools import partial
 import torch
 import triton
 import triton.language as tl
-from randlora_build_probe import LAYERS, SCALE, factors, timed_us
+from kernels_probe import milliseconds
+from randlora_build_probe import LAYERS, SCALE, factors
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
@@ -70,7 +71,7 @@ def probe_shape(name: str, out_dim: int, in_dim: int, count: int, totals: dict[s
                                                                stages)
     for variant, fn in variants.items():
         try:
-            us = timed_us(fn)
+            us = 1e3 * milliseconds(fn, repeats=50)
         except Exception as error:  # noqa: BLE001 - a tiling that does not fit is a result too
             print(f"{name:8s} {variant:28s} failed: {type(error).__name__}: {str(error)[:120]}")
             continue
