@@ -215,8 +215,8 @@ class Trainer:
         self.unit_lengths = [sum(len(s) for s in u) for u in units]
         # CUDA graphs are recorded per input shape: one width for every batch keeps them to one recording. The
         # data's longest row, not cutoff_len, so that a generous cutoff does not pad every row to it.
-        rows = self.unit_lengths + [len(s) for s in self.val_set]
-        self.graph_width = max(rows, default=None) if args.cuda_graphs else None
+        self.graph_width = (max(self.unit_lengths + [len(s) for s in self.val_set], default=None)
+                            if args.cuda_graphs else None)
         self.micro_per_epoch = math.ceil(len(units) / args.micro_batch_size)
         total_micro = math.ceil(args.epochs * self.micro_per_epoch)
         self.total_steps = args.max_steps or max(1, math.ceil(total_micro / self.micro_per_step))
